@@ -1,0 +1,317 @@
+"""Typed, frozen configuration built from ``params.yaml``.
+
+This is the one place that reads ``params.yaml``. Every section is a frozen dataclass; unknown keys and values of
+the wrong type raise :class:`ConfigError` naming the dotted key (``train.lr``) and what to do.
+
+``lambda`` is a Python keyword, so the top-level FSA-CDM weight ``lambda`` maps to
+:attr:`Params.contrastive_weight` here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+Domain = Literal["math", "tables", "music", "molecules"]
+DOMAINS: tuple[str, ...] = get_args(Domain)
+
+# params.yaml key -> dataclass field, for keys that are not valid Python names.
+_RENAMED = {"lambda": "contrastive_weight"}
+_RENAMED_BACK = {v: k for k, v in _RENAMED.items()}
+
+
+class ConfigError(ValueError):
+    """A bad params key or value; the message names the dotted key."""
+
+
+@dataclass(frozen=True)
+class DomainConfig:
+    """Image geometry and renderer of one domain (design §3)."""
+
+    height: int
+    width: int
+    channels: int = 1
+    engine: str = "mathtext"
+    font_size: float = 12.0
+
+
+def _default_domain_configs() -> dict[str, DomainConfig]:
+    return {
+        "math": DomainConfig(height=64, width=320, channels=1, engine="mathtext"),
+        "tables": DomainConfig(height=64, width=64, channels=1, engine="weasyprint"),
+        "music": DomainConfig(height=192, width=448, channels=1, engine="lilypond"),
+        "molecules": DomainConfig(height=128, width=128, channels=3, engine="rdkit"),
+    }
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The download stage: where markup comes from and how much of it."""
+
+    source: Literal["synthetic", "hub", "file"] = "synthetic"
+    seed: int = 0
+    train_size: int = 512
+    val_size: int = 32
+    test_size: int = 32
+    # hub: dataset id per domain (datasets.load_dataset); file: a JSONL/CSV path per domain
+    hub_ids: dict[str, str] = field(
+        default_factory=lambda: {
+            "math": "yuntian-deng/im2latex-100k",
+            "tables": "yuntian-deng/im2html-100k",
+            "music": "yuntian-deng/im2ly-35k-syn",
+            "molecules": "yuntian-deng/im2smiles-20k",
+        }
+    )
+    files: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RenderConfig:
+    workers: int = 2
+    timeout: float = 60.0
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    vocab_size: int = 512
+    min_frequency: int = 2
+    max_length: int = 128
+    pretrained: str = ""  # a tokenizer folder or hub id; empty = train BPE on the train split
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """U-Net and markup encoder (design §4)."""
+
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    cross_attention_levels: tuple[bool, ...] = (False, True, True)
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    norm_num_groups: int = 8
+    encoder: Literal["transformer", "pretrained"] = "transformer"
+    encoder_dim: int = 64
+    encoder_layers: int = 2
+    encoder_heads: int = 4
+    pretrained_encoder: str = ""
+    max_text_length: int = 128
+    position_embeddings: bool = True
+    fsa: bool = False
+    con_aug: bool = False
+    ccam: bool = False
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    beta_schedule: Literal["linear"] = "linear"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    objective: Literal["ddpm", "ss_dm", "cdcd", "fsa_cdm"] = "ddpm"
+    steps: int = 400
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    checkpoint_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+    num_processes: int = 1
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    num_negatives: int = 5
+    ss_max_prob: float = 0.8
+    cdcd_weight: float = 0.01
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    num_samples: int = 16
+    sampler: Literal["ddpm", "ddim", "dpm_solver"] = "ddim"
+    steps: int = 20
+    batch_size: int = 16
+    seed: int = 42
+    grid_rows: int = 8
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    opset: int = 17
+    parity_atol: float = 1e-4
+    parity_steps: int = 4
+    tensorrt: bool = True
+
+
+@dataclass(frozen=True)
+class Params:
+    """All of ``params.yaml``."""
+
+    contrastive_weight: float = 0.005  # params.yaml: lambda (FSA-CDM eq. 10)
+    beta: float = 0.02
+    tau: float = 0.1
+    domains: tuple[str, ...] = ("math",)
+    domain: dict[str, DomainConfig] = field(default_factory=_default_domain_configs)
+    data: DataConfig = field(default_factory=DataConfig)
+    render: RenderConfig = field(default_factory=RenderConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def domain_config(self, domain: str) -> DomainConfig:
+        if domain not in self.domain:
+            raise ConfigError(f"domain.{domain}: no such domain section; known: {sorted(self.domain)}")
+        return self.domain[domain]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    """Coerce/validate ``value`` against annotation ``tp``; raise ConfigError naming ``key``."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(get_args(tp))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in get_args(tp):
+            try:
+                return _check_type(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} does not match {tp}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (elem, *rest) = get_args(tp)
+        return tuple(_check_type(v, elem, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _, vt = get_args(tp)
+        return {str(k): _check_type(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'params'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for raw_key, value in raw.items():
+        name = _RENAMED.get(raw_key, raw_key) if not prefix else raw_key
+        dotted = f"{prefix}.{raw_key}" if prefix else str(raw_key)
+        if name not in fields:
+            known = sorted(_RENAMED_BACK.get(f, f) for f in fields)
+            raise ConfigError(f"{dotted}: unknown params key; known keys here: {', '.join(known)}")
+        if name == "domain" and cls is Params:
+            merged = _default_domain_configs()
+            if not isinstance(value, dict):
+                raise ConfigError(f"{dotted}: expected a mapping of domain -> settings")
+            for dname, dval in value.items():
+                base = dataclasses.asdict(merged[dname]) if dname in merged else {}
+                base.update(dval or {})
+                merged[str(dname)] = _build(DomainConfig, base, f"{dotted}.{dname}")
+            kwargs[name] = merged
+            continue
+        kwargs[name] = _check_type(value, hints[name], dotted)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field is missing
+        raise ConfigError(f"{prefix or 'params'}: {exc}") from exc
+
+
+def params_from_dict(raw: dict[str, Any]) -> Params:
+    params = _build(Params, raw, "")
+    validate(params)
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: params file not found; run from the repository root or pass --params")
+    with path.open() as fh:
+        raw = yaml.safe_load(fh) or {}
+    return params_from_dict(raw)
+
+
+def validate(p: Params) -> None:
+    """Cross-field checks that must fail before any work starts."""
+    for d in p.domains:
+        if d not in DOMAINS:
+            raise ConfigError(f"domains: unknown domain {d!r}; choose from {list(DOMAINS)}")
+        p.domain_config(d)
+    m = p.model
+    if len(m.cross_attention_levels) != len(m.block_out_channels):
+        raise ConfigError(
+            "model.cross_attention_levels: needs one entry per model.block_out_channels level "
+            f"({len(m.block_out_channels)}), got {len(m.cross_attention_levels)}"
+        )
+    for c in m.block_out_channels:
+        if c % m.norm_num_groups:
+            raise ConfigError(f"model.block_out_channels: {c} is not divisible by model.norm_num_groups")
+    t = p.train
+    if t.batch_size % max(t.num_processes, 1):
+        raise ConfigError(
+            f"train.batch_size: {t.batch_size} is not divisible by train.num_processes={t.num_processes}; "
+            "the batch size is global, so make it a multiple of the process count"
+        )
+    if t.objective in ("fsa_cdm", "cdcd") and t.num_negatives >= t.batch_size // max(t.num_processes, 1):
+        raise ConfigError(
+            f"train.num_negatives: {t.num_negatives} negatives need a per-process batch larger than that "
+            f"(train.batch_size / train.num_processes = {t.batch_size // max(t.num_processes, 1)})"
+        )
+    if p.evaluate.steps < 1:
+        raise ConfigError("evaluate.steps: must be at least 1")
+
+
+def to_dict(p: Any) -> Any:
+    """Params back to plain YAML-able data (with ``lambda`` restored)."""
+    if dataclasses.is_dataclass(p):
+        return {_RENAMED_BACK.get(f.name, f.name): to_dict(getattr(p, f.name)) for f in dataclasses.fields(p)}
+    if isinstance(p, dict):
+        return {k: to_dict(v) for k, v in p.items()}
+    if isinstance(p, tuple):
+        return [to_dict(v) for v in p]
+    return p

@@ -1,0 +1,1 @@
+"""data room of markup2image."""

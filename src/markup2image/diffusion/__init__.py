@@ -1,0 +1,1 @@
+"""diffusion room of markup2image."""

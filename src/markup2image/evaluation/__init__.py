@@ -1,0 +1,1 @@
+"""evaluation room of markup2image."""

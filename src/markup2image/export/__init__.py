@@ -1,0 +1,1 @@
+"""export room of markup2image."""

@@ -1,0 +1,89 @@
+"""Atomic file writes and JSONL helpers shared by every stage.
+
+A killed stage must never leave a half-written file that a rerun would trust, so everything is written to a
+temporary file in the same folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a temp file beside ``path``; on success fsync and rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | Path, obj: Any, indent: int = 2) -> None:
+    with atomic_open(path) as fh:
+        json.dump(obj, fh, indent=indent, sort_keys=False)
+        fh.write("\n")
+
+
+def read_json(path: str | Path) -> Any:
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
+    n = 0
+    with atomic_open(path) as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    rows = []
+    with open(path) as fh:
+        for i, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{i}: not valid JSON ({exc.msg}); fix or delete that line") from exc
+    return rows
+
+
+def save_png(path: str | Path, image: np.ndarray) -> None:
+    """Save an 8-bit image ``[H, W]`` or ``[H, W, 3]`` atomically as PNG."""
+    from PIL import Image
+
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        raise TypeError(f"{path}: expected uint8 image, got {arr.dtype}")
+    with atomic_open(path, "wb") as fh:
+        Image.fromarray(arr).save(fh, format="PNG")
+
+
+def load_image(path: str | Path, channels: int = 1) -> np.ndarray:
+    """Load an image as uint8 ``[H, W]`` (channels=1) or ``[H, W, 3]``."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("L" if channels == 1 else "RGB")
+        return np.asarray(im, dtype=np.uint8).copy()

@@ -1,0 +1,1 @@
+"""models room of markup2image."""

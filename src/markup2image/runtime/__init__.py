@@ -1,0 +1,1 @@
+"""Torch-free sampling from an exported folder (numpy + onnxruntime + tokenizers + Pillow)."""

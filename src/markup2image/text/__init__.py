@@ -1,0 +1,1 @@
+"""text room of markup2image."""

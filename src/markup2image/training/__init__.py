@@ -1,0 +1,1 @@
+"""training room of markup2image."""
