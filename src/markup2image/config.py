@@ -39,6 +39,7 @@ class DomainConfig:
     channels: int = 1
     engine: str = "mathtext"
     font_size: float = 12.0
+    dpi: float = 0.0  # renderer resolution; 0 = the engine's default, calibrated on the original datasets
 
 
 def _default_domain_configs() -> dict[str, DomainConfig]:
@@ -131,6 +132,7 @@ class TrainConfig:
     seed: int = 0
     num_processes: int = 1
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    accelerate_config: str = ""  # an `accelerate config` YAML for multi-node runs; empty = flags from these params
     num_negatives: int = 5
     ss_max_prob: float = 0.8
     cdcd_weight: float = 0.01

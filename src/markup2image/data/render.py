@@ -1,0 +1,467 @@
+"""The render stage: every downloaded markup becomes a gold image or a reject with its reason.
+
+Layout written under ``out_dir``::
+
+    images/<id>.png        one gold image per rendered item (uint8, HxW gray or HxWx3 RGB)
+    {train,val,test}.jsonl {"id", "markup", "image": "images/<id>.png"} for rendered items, input order
+    rejects.jsonl          {"id", "split", "reason", "detail"}
+    render_report.json     counts per split and per reason; total == rendered + rejected
+    .render_journal.jsonl  one line per finished item (resume state, sorted by id when the run completes)
+    .render_state.json     the renderer settings the journal belongs to
+
+Items are rendered in batches of ``params.render.batch_size`` by ``params.render.workers`` long-lived child
+processes (``workers=1`` runs inline). A watchdog gives each batch ``params.render.timeout`` (plus slack) between two
+results; a worker that hangs or dies is killed, the item it was on is rejected (``timeout`` / ``crash``) and the
+rest of its batch goes back to the queue, so a bad item costs only itself.
+
+Resume: a killed run leaves images (written atomically) and the journal. A rerun trusts an item only if the
+journal records it for the same markup and, for rendered items, its PNG decodes to the right shape; everything else
+is redone. Items rejected as ``renderer_missing`` are retried, since the tool may have been installed since.
+Hub downloads ship gold images (``in_dir/gold/<id>.png``): those are used instead of rendering and counted as
+``gold`` in the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import signal
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from markup2image.config import DomainConfig, Params
+from markup2image.data.renderers import REJECT_REASONS, RenderError, iter_render_batch, place_top_left
+from markup2image.io import load_image, read_jsonl, save_png, write_json, write_jsonl
+
+log = logging.getLogger(__name__)
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+JOURNAL = ".render_journal.jsonl"
+STATE = ".render_state.json"
+STATE_VERSION = 1
+RETRY_REASONS = frozenset({"renderer_missing"})
+# Between two results of one batch the watchdog allows timeout * WATCHDOG_FACTOR + WATCHDOG_SLACK_S seconds.
+WATCHDOG_FACTOR = 1.5
+WATCHDOG_SLACK_S = 10.0
+
+# (id, markup, gold path or "") — what a worker gets
+Item = tuple[str, str, str]
+# ("ok", id, gold: bool) | ("reject", id, reason, detail) | ("done",)
+Message = tuple[Any, ...]
+
+
+def markup_hash(markup: str) -> str:
+    return hashlib.sha1(markup.encode()).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one batch, run in a worker process or inline
+
+
+@dataclass(frozen=True)
+class _Job:
+    domain: str
+    cfg: DomainConfig
+    timeout: float
+    images_dir: Path
+
+
+def _gold_image(path: str, cfg: DomainConfig) -> np.ndarray:
+    """A shipped gold image, as is when it already has the canvas size, else cropped and placed top-left."""
+    image = load_image(path, channels=cfg.channels)
+    if image.shape[:2] == (cfg.height, cfg.width):
+        return image
+    return place_top_left(image, cfg)
+
+
+def _check_shape(image: np.ndarray, cfg: DomainConfig) -> None:
+    expected = (cfg.height, cfg.width) if cfg.channels == 1 else (cfg.height, cfg.width, 3)
+    if image.shape != expected or image.dtype != np.uint8:
+        raise RenderError("crash", f"the engine returned {image.dtype} {image.shape}, expected uint8 {expected}")
+
+
+def _process_batch(job: _Job, items: list[Item]) -> Iterator[Message]:
+    """Render (or copy gold for) ``items``, save PNGs atomically, yield one message per item."""
+    to_render = []
+    for item_id, markup, gold in items:
+        if not gold:
+            to_render.append((item_id, markup))
+            continue
+        try:
+            image = _gold_image(gold, job.cfg)
+            _check_shape(image, job.cfg)
+        except RenderError as exc:
+            yield ("reject", item_id, exc.reason, f"gold image {gold}: {exc.detail}")
+            continue
+        except Exception as exc:  # noqa: BLE001 - an unreadable gold file costs one item
+            yield ("reject", item_id, "crash", f"gold image {gold}: {type(exc).__name__}: {exc}")
+            continue
+        save_png(job.images_dir / f"{item_id}.png", image)
+        yield ("ok", item_id, True)
+    for res in iter_render_batch(job.domain, to_render, job.cfg, job.timeout):
+        if res.image is None:
+            yield ("reject", res.id, res.reason or "crash", res.detail)
+            continue
+        try:
+            _check_shape(res.image, job.cfg)
+        except RenderError as exc:
+            yield ("reject", res.id, exc.reason, exc.detail)
+            continue
+        save_png(job.images_dir / f"{res.id}.png", res.image)
+        yield ("ok", res.id, False)
+
+
+def _worker_main(conn: Connection, job: _Job) -> None:
+    """Child process: receive batches, send one message per item and ("done",) per batch, until None."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and kills us
+    while True:
+        items = conn.recv()
+        if items is None:
+            return
+        for msg in _process_batch(job, items):
+            conn.send(msg)
+        conn.send(("done",))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the scheduler: a pool of watched workers (or inline), each batch's unreported items tracked
+
+
+@dataclass
+class _Batch:
+    items: list[Item]
+    reported: set[str] = field(default_factory=set)
+
+    def unreported(self) -> list[Item]:
+        return [it for it in self.items if it[0] not in self.reported]
+
+
+class _Worker:
+    def __init__(self, ctx: Any, job: _Job) -> None:
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, args=(child, job), daemon=True)
+        self.proc.start()
+        child.close()
+        self.batch: _Batch | None = None
+        self.deadline = 0.0
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.join(5)
+        self.conn.close()
+
+
+class _Timeout(BaseException):
+    """Raised by the inline watchdog; a BaseException so that renderers' ``except Exception`` cannot swallow it."""
+
+
+@contextmanager
+def _alarm(seconds: float) -> Iterator[None]:
+    """Raise :class:`_Timeout` after ``seconds`` (main thread on POSIX only; elsewhere no limit)."""
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum: int, frame: Any) -> None:
+        raise _Timeout()
+
+    previous = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _failed_batch(batch: _Batch, reason: str, detail: str, queue: deque[_Batch]) -> Message:
+    """The first unreported item is the one the worker was on: reject it; requeue the rest at the front."""
+    first, *rest = batch.unreported()
+    if rest:
+        queue.appendleft(_Batch(rest))
+    return ("reject", first[0], reason, detail)
+
+
+def _run_inline(job: _Job, queue: deque[_Batch], limit: float) -> Iterator[Message]:
+    while queue:
+        batch = queue.popleft()
+        gen = _process_batch(job, batch.items)
+        while True:
+            try:
+                with _alarm(limit):
+                    msg = next(gen)
+            except StopIteration:
+                break
+            except _Timeout:
+                gen.close()
+                yield _failed_batch(batch, "timeout", f"no result within {limit:.0f} s; the renderer hung", queue)
+                break
+            except Exception as exc:  # noqa: BLE001 - the batch driver itself failed; cost one item, go on
+                yield _failed_batch(batch, "crash", f"{type(exc).__name__}: {exc}"[:500], queue)
+                break
+            batch.reported.add(msg[1])
+            yield msg
+
+
+def _run_pool(job: _Job, queue: deque[_Batch], workers: int, limit: float) -> Iterator[Message]:
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    pool = [_Worker(ctx, job) for _ in range(min(workers, len(queue)))]
+    try:
+        while queue or any(w.batch for w in pool):
+            for i, w in enumerate(pool):
+                if w.batch is None and queue:
+                    if not w.proc.is_alive():
+                        pool[i] = w = _Worker(ctx, job)
+                    w.batch = queue.popleft()
+                    w.conn.send(w.batch.items)
+                    w.deadline = time.monotonic() + limit
+            busy = [w for w in pool if w.batch is not None]
+            ready = wait([w.conn for w in busy], timeout=max(0.0, min(w.deadline for w in busy) - time.monotonic()))
+            for w in busy:
+                assert w.batch is not None
+                if w.conn in ready:
+                    try:
+                        while w.conn.poll():
+                            msg = w.conn.recv()
+                            w.deadline = time.monotonic() + limit
+                            if msg[0] == "done":
+                                w.batch = None
+                                break
+                            w.batch.reported.add(msg[1])
+                            yield msg
+                        continue
+                    except (EOFError, OSError):
+                        detail = f"the renderer process died (exit code {w.proc.exitcode})"
+                        failed = _failed_batch(w.batch, "crash", detail, queue) if w.batch.unreported() else None
+                elif time.monotonic() > w.deadline:
+                    detail = f"no result within {limit:.0f} s; the renderer hung and was killed"
+                    failed = _failed_batch(w.batch, "timeout", detail, queue)
+                else:
+                    continue
+                w.kill()
+                w.batch = None
+                if failed:
+                    yield failed
+    finally:
+        for w in pool:
+            if w.proc.is_alive() and w.batch is None:
+                try:
+                    w.conn.send(None)
+                except OSError:
+                    pass
+            w.proc.join(timeout=1)
+            if w.proc.is_alive():
+                w.kill()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# resume state
+
+
+def _fingerprint(domain: str, cfg: DomainConfig) -> dict[str, Any]:
+    return {"version": STATE_VERSION, "domain": domain, "config": dataclasses.asdict(cfg)}
+
+
+def _read_journal(path: Path) -> dict[str, dict[str, Any]]:
+    """id -> last record; a line cut short by a kill is ignored (its item is redone)."""
+    records: dict[str, dict[str, Any]] = {}
+    if not path.exists():
+        return records
+    with path.open() as fh:
+        for line in fh:
+            try:
+                rec = json.loads(line)
+                records[rec["id"]] = rec
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+    return records
+
+
+def _image_ok(path: Path, cfg: DomainConfig) -> bool:
+    """A PNG that decodes fully to the canvas shape (a half-written or foreign file does not)."""
+    if not path.exists():
+        return False
+    try:
+        image = load_image(path, channels=cfg.channels)
+    except Exception:  # noqa: BLE001 - any decode failure means: redo it
+        return False
+    return image.shape[:2] == (cfg.height, cfg.width)
+
+
+def _load_done(out_dir: Path, domain: str, cfg: DomainConfig, wanted: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """The journal records of ``wanted`` items (id -> markup hash) that a rerun may trust."""
+    state_path, journal_path = out_dir / STATE, out_dir / JOURNAL
+    state = None
+    if state_path.exists():
+        try:
+            state = json.loads(state_path.read_text())
+        except json.JSONDecodeError:
+            state = None
+    if state != _fingerprint(domain, cfg):
+        if journal_path.exists():
+            log.info("%s: renderer settings changed since the last run; rendering everything again", out_dir)
+        journal_path.unlink(missing_ok=True)
+        write_json(state_path, _fingerprint(domain, cfg))
+        return {}
+    done = {}
+    for item_id, rec in _read_journal(journal_path).items():
+        if wanted.get(item_id) != rec.get("markup_hash"):
+            continue
+        if rec["status"] == "rejected" and rec.get("reason") not in RETRY_REASONS:
+            done[item_id] = rec
+        elif rec["status"] == "rendered" and _image_ok(out_dir / "images" / f"{item_id}.png", cfg):
+            done[item_id] = rec
+    return done
+
+
+def _clean_images(images_dir: Path, keep: set[str]) -> None:
+    """Drop temp files of killed writes and images of items that are no longer rendered."""
+    for path in images_dir.iterdir():
+        if path.name.startswith(".") or (path.suffix == ".png" and path.stem not in keep):
+            path.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the stage
+
+
+def _read_splits(domain: str, in_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    splits: dict[str, list[dict[str, Any]]] = {}
+    seen: dict[str, str] = {}
+    for split in SPLITS:
+        path = in_dir / f"{split}.jsonl"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: missing; run the download stage for domain {domain!r} first")
+        rows = read_jsonl(path)
+        for i, row in enumerate(rows, 1):
+            if not isinstance(row.get("id"), str) or not isinstance(row.get("markup"), str):
+                raise ValueError(f"{path}:{i}: a row needs string 'id' and 'markup' fields")
+            if row["id"] in seen:
+                raise ValueError(f"{path}:{i}: id {row['id']!r} also appears in {seen[row['id']]}; ids must be unique")
+            seen[row["id"]] = split
+        splits[split] = rows
+    return splits
+
+
+def render_corpus(domain: str, params: Params, in_dir: Path, out_dir: Path, progress: bool = True) -> dict:
+    """Render ``in_dir/{split}.jsonl`` of ``domain`` into ``out_dir`` (layout in the module docstring).
+
+    Returns the report that is also written to ``out_dir/render_report.json``.
+    """
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    cfg = params.domain_config(domain)
+    rcfg = params.render
+    splits = _read_splits(domain, in_dir)
+    images_dir = out_dir / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    wanted = {row["id"]: markup_hash(row["markup"]) for rows in splits.values() for row in rows}
+    done = _load_done(out_dir, domain, cfg, wanted)
+
+    gold_dir = in_dir / "gold"
+    pending: list[Item] = []
+    for rows in splits.values():
+        for row in rows:
+            if row["id"] not in done:
+                gold = gold_dir / f"{row['id']}.png"
+                pending.append((row["id"], row["markup"], str(gold) if gold.exists() else ""))
+    log.info(
+        "render %s (%s): %d items, %d already done, %d to render with %d worker(s)",
+        domain, cfg.engine, len(wanted), len(done), len(pending), rcfg.workers,
+    )  # fmt: skip
+
+    queue = deque(_Batch(pending[i : i + rcfg.batch_size]) for i in range(0, len(pending), rcfg.batch_size))
+    job = _Job(domain, cfg, rcfg.timeout, images_dir)
+    limit = rcfg.timeout * WATCHDOG_FACTOR + WATCHDOG_SLACK_S
+    markups = {it[0]: it[1] for it in pending}
+    start = time.monotonic()
+    this_run: Counter[str] = Counter()
+    messages = _run_inline(job, queue, limit) if rcfg.workers <= 1 else _run_pool(job, queue, rcfg.workers, limit)
+    with (
+        (out_dir / JOURNAL).open("a") as journal,
+        tqdm(total=len(pending), disable=not progress, desc=f"render {domain}", unit="item") as bar,
+    ):
+        for msg in messages:
+            item_id = msg[1]
+            if msg[0] == "ok":
+                rec = {"id": item_id, "status": "rendered", "gold": msg[2]}
+            else:
+                rec = {"id": item_id, "status": "rejected", "reason": msg[2], "detail": str(msg[3])[:500]}
+            rec["markup_hash"] = markup_hash(markups[item_id])
+            journal.write(json.dumps(rec) + "\n")
+            journal.flush()
+            done[item_id] = rec
+            this_run[rec["status"]] += 1
+            bar.update(1)
+    seconds = time.monotonic() - start
+    return _write_outputs(domain, cfg, splits, done, out_dir, this_run, seconds, skipped=len(wanted) - len(pending))
+
+
+def _write_outputs(
+    domain: str,
+    cfg: DomainConfig,
+    splits: dict[str, list[dict[str, Any]]],
+    done: dict[str, dict[str, Any]],
+    out_dir: Path,
+    this_run: Counter[str],
+    seconds: float,
+    skipped: int,
+) -> dict:
+    report: dict[str, Any] = {"domain": domain, "engine": cfg.engine, "shape": [cfg.height, cfg.width, cfg.channels]}
+    rejects, totals, reasons_all = [], Counter(), Counter()
+    report["splits"] = {}
+    for split, rows in splits.items():
+        kept, counts, reasons = [], Counter(), Counter()
+        for row in rows:
+            rec = done.get(row["id"])
+            if rec is None:  # the scheduler guarantees a result per item; this would be a bug
+                raise RuntimeError(f"render {domain}: item {row['id']!r} ({split}) has no result")
+            counts["total"] += 1
+            if rec["status"] == "rendered":
+                counts["rendered"] += 1
+                counts["gold"] += int(bool(rec.get("gold")))
+                kept.append({"id": row["id"], "markup": row["markup"], "image": f"images/{row['id']}.png"})
+            else:
+                counts["rejected"] += 1
+                reasons[rec["reason"]] += 1
+                rejects.append({"id": row["id"], "split": split, "reason": rec["reason"], "detail": rec["detail"]})
+        assert counts["total"] == counts["rendered"] + counts["rejected"], (split, counts)
+        write_jsonl(out_dir / f"{split}.jsonl", kept)
+        report["splits"][split] = {k: counts[k] for k in ("total", "rendered", "rejected", "gold")}
+        report["splits"][split]["reasons"] = {r: reasons[r] for r in REJECT_REASONS if reasons[r]}
+        totals.update(counts)
+        reasons_all.update(reasons)
+    assert totals["total"] == totals["rendered"] + totals["rejected"], totals
+    report.update({k: totals[k] for k in ("total", "rendered", "rejected", "gold")})
+    report["reasons"] = {r: reasons_all[r] for r in REJECT_REASONS if reasons_all[r]}
+    rendered_now = this_run["rendered"] + this_run["rejected"]
+    report["this_run"] = {
+        "skipped_done": skipped,
+        "rendered": this_run["rendered"],
+        "rejected": this_run["rejected"],
+        "seconds": round(seconds, 3),
+        "items_per_s": round(rendered_now / seconds, 2) if seconds > 0 and rendered_now else None,
+    }
+    write_jsonl(out_dir / "rejects.jsonl", rejects)
+    # compact the journal: only this corpus's items, sorted, so a finished output folder is deterministic
+    wanted = {row["id"] for rows in splits.values() for row in rows}
+    write_jsonl(out_dir / JOURNAL, (done[i] for i in sorted(wanted)))
+    _clean_images(out_dir / "images", {i for i in wanted if done[i]["status"] == "rendered"})
+    write_json(out_dir / "render_report.json", report)
+    log.info(
+        "render %s: %d rendered (%d gold), %d rejected %s -> %s",
+        domain, report["rendered"], report["gold"], report["rejected"], report["reasons"], out_dir,
+    )  # fmt: skip
+    return report

@@ -1,0 +1,93 @@
+"""Renderer registry: markup -> the exact image it renders to.
+
+``render_markup(domain, markup, cfg)`` draws one item with the engine named by ``cfg.engine``;
+``render_batch(domain, items, cfg, timeout)`` draws many (batch-capable engines such as ``latex`` and ``lilypond``
+run many items per external call). Failures are :class:`RenderError` / :class:`RenderResult` with a reason in
+``parse_error, overflow, timeout, renderer_missing, empty, crash``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from markup2image.config import DomainConfig
+from markup2image.data.renderers.base import (
+    MARGIN,
+    REJECT_REASONS,
+    Engine,
+    RenderError,
+    RenderResult,
+    place_top_left,
+    safe_render,
+)
+
+__all__ = [
+    "ENGINES",
+    "MARGIN",
+    "REJECT_REASONS",
+    "Engine",
+    "RenderError",
+    "RenderResult",
+    "get_engine",
+    "iter_render_batch",
+    "place_top_left",
+    "render_batch",
+    "render_markup",
+    "safe_render",
+]
+
+# engine name -> (module, class, domain it draws)
+ENGINES: dict[str, tuple[str, str, str]] = {
+    "mathtext": ("markup2image.data.renderers.math_mathtext", "MathtextEngine", "math"),
+    "latex": ("markup2image.data.renderers.math_latex", "LatexEngine", "math"),
+    "weasyprint": ("markup2image.data.renderers.tables_weasyprint", "WeasyprintEngine", "tables"),
+    "lilypond": ("markup2image.data.renderers.music_lilypond", "LilypondEngine", "music"),
+    "rdkit": ("markup2image.data.renderers.molecules_rdkit", "RdkitEngine", "molecules"),
+}
+
+_instances: dict[str, Engine] = {}
+
+
+def get_engine(domain: str, engine: str) -> Engine:
+    """The (cached) engine instance named ``engine``; checks that it draws ``domain``."""
+    if engine not in ENGINES:
+        raise ValueError(f"domain.{domain}.engine: unknown engine {engine!r}; choose from {sorted(ENGINES)}")
+    module, cls, engine_domain = ENGINES[engine]
+    if engine_domain != domain:
+        raise ValueError(f"domain.{domain}.engine: engine {engine!r} draws {engine_domain!r}, not {domain!r}")
+    if engine not in _instances:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            raise RenderError("renderer_missing", f"engine {engine!r} is not available here ({exc})") from exc
+        _instances[engine] = getattr(mod, cls)()
+    return _instances[engine]
+
+
+def render_markup(domain: str, markup: str, cfg: DomainConfig) -> np.ndarray:
+    """uint8 [H,W] (channels=1) or [H,W,3] image of ``markup``; raises :class:`RenderError`."""
+    return get_engine(domain, cfg.engine).render(markup, cfg)
+
+
+def iter_render_batch(
+    domain: str, items: Sequence[tuple[str, str]], cfg: DomainConfig, timeout: float
+) -> Iterator[RenderResult]:
+    """Yield one :class:`RenderResult` per ``(id, markup)`` as soon as it is known (order not guaranteed)."""
+    try:
+        engine = get_engine(domain, cfg.engine)
+    except RenderError as exc:
+        for item_id, _ in items:
+            yield RenderResult(item_id, reason=exc.reason, detail=exc.detail)
+        return
+    yield from engine.iter_batch(items, cfg, timeout)
+
+
+def render_batch(
+    domain: str, items: Sequence[tuple[str, str]], cfg: DomainConfig, timeout: float
+) -> list[RenderResult]:
+    """Render ``(id, markup)`` pairs; one :class:`RenderResult` per item, in input order."""
+    by_id = {r.id: r for r in iter_render_batch(domain, items, cfg, timeout)}
+    return [by_id.get(i) or RenderResult(i, reason="crash", detail="the engine returned no result") for i, _ in items]
