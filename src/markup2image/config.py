@@ -38,14 +38,14 @@ class DomainConfig:
     width: int
     channels: int = 1
     engine: str = "mathtext"
-    font_size: float = 12.0
+    font_size: float = 12.0  # math: pt (mathtext; latex takes 10/11/12); tables: CSS px; music: staff size (pt)
     dpi: float = 0.0  # renderer resolution; 0 = the engine's default, calibrated on the original datasets
 
 
 def _default_domain_configs() -> dict[str, DomainConfig]:
     return {
         "math": DomainConfig(height=64, width=320, channels=1, engine="mathtext"),
-        "tables": DomainConfig(height=64, width=64, channels=1, engine="weasyprint"),
+        "tables": DomainConfig(height=64, width=64, channels=1, engine="weasyprint", font_size=6.0),
         "music": DomainConfig(height=192, width=448, channels=1, engine="lilypond"),
         "molecules": DomainConfig(height=128, width=128, channels=3, engine="rdkit"),
     }
@@ -106,6 +106,11 @@ class ModelConfig:
     fsa: bool = False
     con_aug: bool = False
     ccam: bool = False
+    ccam_blocks: int = 5  # cross-attention blocks turned into CCAMs, lowest resolution first (paper: 5)
+    ccam_rank: int = 64  # rank of the CoA relation projections W_a, W_b
+    fsa_channels: tuple[int, ...] = (32, 64, 128)  # FSA image encoder: one stride-2 residual stage per entry
+    fsa_hidden: int = 128  # FSA BiLSTM hidden size per direction
+    contrastive_dim: int = 128  # size of the projection head for the InfoNCE term (model.con_aug)
 
 
 @dataclass(frozen=True)

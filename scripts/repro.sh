@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The main job: set up (idempotent), then run the DVC pipeline on params.yaml.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+.venv/bin/dvc repro "$@"

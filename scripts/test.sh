@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The tests: set up (idempotent), then pytest (unit, integration, e2e). GPU/TensorRT tests skip with a reason.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export OMP_NUM_THREADS=1
+.venv/bin/python -m pytest tests "$@"

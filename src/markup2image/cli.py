@@ -1,0 +1,222 @@
+"""``markup2image``: render, score, sample, summary and bench from the command line.
+
+Every command fails with one clear line (``error: ...``) and a non-zero exit on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("markup2image")
+
+
+def _emit(obj: Any, out: Path | None) -> None:
+    """Write JSON to ``out`` (atomically) or to stdout."""
+    if out is None:
+        print(json.dumps(obj, indent=2))
+    else:
+        from markup2image.io import write_json
+
+        write_json(out, obj)
+        print(f"wrote {out}")
+
+
+def _params(path: str):
+    from markup2image.config import Params, load_params
+
+    return load_params(path) if Path(path).exists() else Params()
+
+
+# -- commands -------------------------------------------------------------------------------------------------------
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from markup2image.data.renderers import RenderError, render_markup
+    from markup2image.io import save_png
+
+    params = _params(args.params)
+    cfg = params.domain_config(args.domain)
+    if args.engine:
+        cfg = dataclasses.replace(cfg, engine=args.engine)
+    try:
+        image = render_markup(args.domain, args.markup, cfg)
+    except RenderError as exc:
+        raise SystemExit(f"error: {args.domain} markup not rendered ({exc.reason}): {exc.detail}") from None
+    save_png(args.out, image)
+    print(f"wrote {args.out} ({image.shape[1]}x{image.shape[0]})")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from markup2image.evaluation.score import score_folders
+
+    for d in (args.pred, args.gold):
+        if not Path(d).is_dir():
+            raise SystemExit(f"error: {d}: not a folder of images")
+    result = score_folders(args.pred, args.gold, progress=True)
+    _emit(result, args.out)
+    summary = result["summary"]
+    blank = result["blank_baseline"]
+    print(
+        "mean over {n}: DTW {dtw:.2f}  DTW-TI {dtw_ti:.2f}  RMSE {rmse:.2f}  SSIM {ssim:.4f}".format(**summary)
+        + f"  | blank: DTW {blank['dtw']:.2f}  RMSE {blank['rmse']:.2f}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from markup2image.config import DiffusionConfig, _check_type
+    from markup2image.diffusion.sampling import sample_images, to_uint8
+    from markup2image.io import save_png
+    from markup2image.models.model import MODEL_CONFIG, load_model
+    from markup2image.text.tokenizer import encode_batch, load_tokenizer
+
+    model_dir = Path(args.model)
+    if not (model_dir / MODEL_CONFIG).exists():
+        raise SystemExit(f"error: {model_dir}: not a trained model folder (expected models/<domain>/model)")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(model_dir, map_location=device).to(device)
+    saved = json.loads((model_dir / MODEL_CONFIG).read_text()).get("params", {})
+    diffusion = _check_type(saved.get("diffusion", {}), DiffusionConfig, "diffusion")
+    steps = args.steps or (diffusion.num_train_timesteps if args.sampler == "ddpm" else 50)
+    ids, mask = encode_batch(load_tokenizer(model_dir), args.markup, model.model_cfg.max_text_length)
+    try:
+        images = sample_images(
+            model,
+            torch.from_numpy(ids).to(device),
+            torch.from_numpy(mask).to(device),
+            sampler=args.sampler,
+            steps=steps,
+            seed=args.seed,
+            diffusion=diffusion,
+            progress=True,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    arr = to_uint8(images)
+    outs = (
+        [Path(args.out)]
+        if len(arr) == 1
+        else [Path(args.out).with_name(f"{Path(args.out).stem}_{i}.png") for i in range(len(arr))]
+    )
+    for out, img in zip(outs, arr):
+        save_png(out, img)
+        print(f"wrote {out}")
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from markup2image.models.summary import parameter_summary
+
+    params = _params(args.params)
+    domain = args.domain or params.domains[0]
+    _emit(parameter_summary(params, domain, args.vocab_size), args.out)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    params = _params(args.params)
+    if args.what == "metrics":
+        from markup2image.evaluation.bench import bench_metrics
+
+        result = bench_metrics(num_pairs=args.n or 32)
+    elif args.what == "render":
+        from markup2image.data.bench import bench_render
+
+        result = bench_render(args.domain or params.domains[0], args.engine, args.n or 200, params)
+    elif args.what == "sample":
+        from markup2image.bench_sample import bench_sample
+
+        if not args.model:
+            raise SystemExit("error: bench sample needs --model (a models/<domain>/model or export/<domain> folder)")
+        result = bench_sample(args.model, batch_sizes=tuple(args.batch_sizes), steps=(args.steps,))
+    elif args.what == "train":
+        from markup2image.bench_train import bench_train
+
+        result = bench_train(params, sizes=tuple(args.sizes), steps=args.steps)
+    else:  # argparse restricts choices
+        raise SystemExit(f"error: unknown benchmark {args.what!r}")
+    _emit(result, args.out)
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="markup2image", description=__doc__)
+    p.add_argument("--params", default="params.yaml", help="params file (defaults apply if it does not exist)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("render", help="render one markup item with the domain's real renderer")
+    r.add_argument("--domain", required=True, choices=["math", "tables", "music", "molecules"])
+    r.add_argument("--markup", required=True)
+    r.add_argument("--out", required=True, type=Path)
+    r.add_argument("--engine", help="override the domain's engine (math: mathtext | latex)")
+    r.set_defaults(fn=cmd_render)
+
+    s = sub.add_parser("score", help="score same-named images of two folders (design §6 protocol)")
+    s.add_argument("--pred", required=True, type=Path)
+    s.add_argument("--gold", required=True, type=Path)
+    s.add_argument("--out", type=Path, help="JSON file (default: stdout)")
+    s.set_defaults(fn=cmd_score)
+
+    sm = sub.add_parser("sample", help="generate the image of markup with a trained model")
+    sm.add_argument("--model", required=True, type=Path)
+    sm.add_argument("--markup", required=True, action="append", help="repeat for a batch")
+    sm.add_argument("--out", required=True, type=Path)
+    sm.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim", "dpm_solver"])
+    sm.add_argument("--steps", type=int, default=0, help="default: 1000 for ddpm, 50 otherwise")
+    sm.add_argument("--seed", type=int, default=0)
+    sm.set_defaults(fn=cmd_sample)
+
+    su = sub.add_parser("summary", help="parameter count per module for the current params (JSON)")
+    su.add_argument("--domain")
+    su.add_argument("--vocab-size", type=int, default=512)
+    su.add_argument("--out", type=Path)
+    su.set_defaults(fn=cmd_summary)
+
+    b = sub.add_parser("bench", help="benchmarks (JSON out)")
+    b.add_argument("what", choices=["metrics", "render", "sample", "train"])
+    b.add_argument("--domain")
+    b.add_argument("--engine")
+    b.add_argument("--model", help="bench sample: a trained model or an export folder")
+    b.add_argument("-n", type=int, default=0, help="items/pairs to time")
+    b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
+    b.add_argument("--steps", type=int, default=20)
+    b.add_argument("--sizes", nargs="+", default=["tiny"], choices=["tiny", "paper"])
+    b.add_argument("--out", type=Path)
+    b.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    from markup2image.config import ConfigError
+
+    try:
+        return args.fn(args)
+    except ConfigError as exc:
+        raise SystemExit(f"error: {args.params}: {exc}") from None
+    except FileNotFoundError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

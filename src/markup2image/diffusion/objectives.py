@@ -1,0 +1,316 @@
+"""Training objectives (design §5). Each maps a batch to ``(loss, terms)``.
+
+``terms`` holds detached floats for logging (each loss term of the objective), plus ``per_item``, the ``[B]``
+tensor of ``L_simple(y0)`` for per-timestep logging. The training loop draws the noise and timesteps for the
+*global* batch from a generator seeded by ``(train.seed, step)`` and hands each process its slice, so a run on N
+processes sees the same noise as a run on one. Further randomness (scheduled-sampling ``m``, augmentation,
+negatives, their noise) is drawn from ``batch.generator``.
+
+Objectives call the model once with gradients, through its ``forward`` (DDP-safe); the scheduled-sampling rollout
+runs without gradients on the unwrapped model.
+
+* ``ddpm``: ``L_simple``.
+* ``ss_dm``: scheduled sampling (Deng et al. 2023, final code), :func:`scheduled_sampling_rollout`.
+* ``cdcd``: ``L_simple(y0) - w mean_k L_simple(negative_k)``.
+* ``fsa_cdm``: ``beta L_fa + L_simple(y0) + L_simple(y0') + lambda mean_k exp(-2 L_simple(negative_k)) + L_infonce``
+  (FSA-CDM eq. 10 in L_simple form); the terms whose switch (``model.fsa``, ``model.con_aug``) is off drop out.
+
+Negatives (``cdcd``, ``fsa_cdm``): for each item, ``train.num_negatives`` other images of the same batch whose
+markup key differs, each paired with the item's own markup, noised at the item's ``t`` with fresh noise. When an
+item has fewer than K such images, :func:`choose_negatives` cycles through a random order of the valid ones
+(sampling with replacement, spread evenly); an item with none gets its negatives masked out of every term.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+from markup2image.config import DiffusionConfig, Params
+from markup2image.diffusion.losses import info_nce_loss, negative_elbo_penalty, simple_loss
+from markup2image.diffusion.sampling import scheduler_config
+
+__all__ = [
+    "OBJECTIVES",
+    "TrainBatch",
+    "augment_positive",
+    "cdcd_loss",
+    "choose_negatives",
+    "ddpm_loss",
+    "fsa_cdm_loss",
+    "get_objective",
+    "noise_scheduler",
+    "scheduled_sampling_probability",
+    "scheduled_sampling_rollout",
+    "simple_loss",
+    "ss_dm_loss",
+]
+
+
+@dataclass
+class TrainBatch:
+    """One process's share of a training batch.
+
+    images: ``y0 [B, C, H, W]`` in [-1, 1]; input_ids / attention_mask: ``[B, N]``; markup_keys: one int per
+    item identifying its markup (equal markup -> equal key), for choosing negatives; noise: ``eps [B, C, H, W]``;
+    timesteps: ``[B]`` int64; generator: for any further randomness the objective needs.
+    """
+
+    images: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    markup_keys: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    generator: torch.Generator | None = None
+    extras: dict = field(default_factory=dict)
+
+
+def noise_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
+    """The forward process q(y_t | y0): linear betas 1e-4..0.02 over 1000 steps, eps-prediction."""
+    return DDPMScheduler(**scheduler_config(cfg), variance_type="fixed_small", clip_sample=True)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    from markup2image.models.model import unwrap_model
+
+    return unwrap_model(model)
+
+
+def _alpha_bar(sched: DDPMScheduler, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``alpha_bar_t`` as ``[B, 1, 1, 1]`` in ``like``'s dtype and device."""
+    return sched.alphas_cumprod.to(like.device)[t].to(like.dtype).view(-1, 1, 1, 1)
+
+
+def _randn(shape: tuple[int, ...], generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+    """Standard normal noise from ``generator`` (drawn on the CPU, so any device reproduces it)."""
+    return torch.randn(shape, generator=generator).to(device=like.device, dtype=like.dtype)
+
+
+def _rand(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(shape, generator=generator)
+
+
+# -- ddpm -------------------------------------------------------------------------------------------------------
+
+
+def ddpm_loss(
+    model: torch.nn.Module, batch: TrainBatch, sched: DDPMScheduler, params: Params, step: int
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Plain DDPM: MSE between the true and predicted noise."""
+    y_t = sched.add_noise(batch.images, batch.noise, batch.timesteps)
+    eps_pred = model(y_t, batch.timesteps, batch.input_ids, batch.attention_mask)
+    per_item = simple_loss(eps_pred, batch.noise)
+    loss = per_item.mean()
+    return loss, {"loss_simple": loss.item(), "per_item": per_item.detach()}
+
+
+# -- ss_dm ------------------------------------------------------------------------------------------------------
+
+
+def scheduled_sampling_probability(step: int, total_steps: int, max_prob: float) -> float:
+    """``P(m = 1)`` at optimizer step ``step``: linear from 0 (step 0) to ``max_prob`` (step ``total_steps``)."""
+    return max_prob * min(max(step, 0) / max(total_steps, 1), 1.0)
+
+
+@torch.no_grad()
+def scheduled_sampling_rollout(
+    model: torch.nn.Module, batch: TrainBatch, sched: DDPMScheduler, m: int
+) -> torch.Tensor:
+    """``y_t`` reached by ``m`` model steps from ``y_{t+m} ~ q(. | y0)`` (no gradients).
+
+    For ``s = 0..m-1``: predict ``x̂0 = (y - sqrt(1 - ab) eps_theta) / sqrt(ab)`` at ``t + m - s`` (unclipped) and
+    re-noise it to ``t + m - s - 1`` with fresh noise from ``batch.generator``. ``m = 0`` gives
+    ``q(y_t | y0)`` with ``batch.noise``. ``model`` should be the unwrapped model. Returns ``[B, C, H, W]``.
+    """
+    y0, t = batch.images, batch.timesteps
+    y = sched.add_noise(y0, batch.noise, t + m)
+    for s in range(m):
+        ts = t + m - s
+        eps = model(y, ts, batch.input_ids, batch.attention_mask)
+        ab = _alpha_bar(sched, ts, y)
+        x0 = (y - (1 - ab).sqrt() * eps) / ab.sqrt()
+        y = sched.add_noise(x0, _randn(tuple(y0.shape), batch.generator, y0), ts - 1)
+    return y
+
+
+def ss_dm_loss(
+    model: torch.nn.Module, batch: TrainBatch, sched: DDPMScheduler, params: Params, step: int
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """SS-DM scheduled sampling (design §5).
+
+    One ``m in {0, 1}`` per batch with ``P(m = 1)`` rising linearly over ``train.steps`` to ``train.ss_max_prob``;
+    ``m`` shrinks while any ``t >= T - m``. The input ``y_t`` comes from :func:`scheduled_sampling_rollout`; the
+    target is the noise that ``y_t`` implies with the TRUE ``y0``: ``eps = (y_t - sqrt(ab_t) y0) / sqrt(1 - ab_t)``.
+    """
+    prob = scheduled_sampling_probability(step, params.train.steps, params.train.ss_max_prob)
+    m = int(float(_rand((), batch.generator)) < prob)
+    num_steps = sched.config.num_train_timesteps
+    while m > 0 and int(batch.timesteps.max()) >= num_steps - m:
+        m -= 1
+    y_t = scheduled_sampling_rollout(_unwrap(model), batch, sched, m)
+    ab = _alpha_bar(sched, batch.timesteps, y_t)
+    target = (y_t - ab.sqrt() * batch.images) / (1 - ab).sqrt()
+    eps_pred = model(y_t, batch.timesteps, batch.input_ids, batch.attention_mask)
+    per_item = simple_loss(eps_pred, target)
+    loss = per_item.mean()
+    return loss, {"loss_simple": loss.item(), "ss_m": float(m), "ss_prob": prob, "per_item": per_item.detach()}
+
+
+# -- negatives and positives ------------------------------------------------------------------------------------
+
+
+def choose_negatives(
+    markup_keys: torch.Tensor, k: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each item, ``k`` batch indices whose markup key differs from the item's.
+
+    Valid candidates are visited in a random order; with fewer than ``k`` of them the order repeats (sampling with
+    replacement, spread evenly). An item without any valid candidate gets its own index with mask False.
+
+    Returns ``index [B, k]`` (long) and ``valid [B, k]`` (bool), on ``markup_keys``' device.
+    """
+    keys = markup_keys.cpu()
+    b = keys.shape[0]
+    differ = keys[:, None] != keys[None, :]  # (B, B)
+    scores = _rand((b, b), generator).masked_fill(~differ, -1.0)  # valid in [0, 1), invalid -1
+    order = scores.argsort(dim=1, descending=True)  # valid candidates first, in random order
+    count = differ.sum(1)  # (B,)
+    pos = torch.arange(k)[None, :] % count.clamp(min=1)[:, None]  # (B, k)
+    index = order.gather(1, pos)
+    valid = (count > 0)[:, None].expand(b, k)
+    index = torch.where(valid, index, torch.arange(b)[:, None].expand(b, k))
+    return index.to(markup_keys.device), valid.to(markup_keys.device)
+
+
+def augment_positive(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A mild, meaning-preserving view ``y0'`` of ``y0 [B, C, H, W]`` in [-1, 1] (white = +1).
+
+    Per item: a shift of 1-2 px left or right and 0-1 px up or down with white fill, a contrast change that keeps
+    white white (``1 - c (1 - y)``, ``c`` in [0.85, 1]), and with probability 1/2 a light 3x3 blur blended in
+    with weight up to 0.5.
+    """
+    b, _, h, w = images.shape
+    dx = torch.tensor([-2, -1, 1, 2])[torch.randint(0, 4, (b,), generator=generator)]
+    dy = torch.randint(-1, 2, (b,), generator=generator)
+    contrast = 0.85 + 0.15 * _rand((b,), generator)
+    blur = (_rand((b,), generator) < 0.5).float() * 0.5 * _rand((b,), generator)
+    padded = F.pad(images, (2, 2, 2, 2), value=1.0)
+    shifted = torch.stack(
+        [padded[i, :, 2 - int(dy[i]) : 2 - int(dy[i]) + h, 2 - int(dx[i]) : 2 - int(dx[i]) + w] for i in range(b)]
+    )  # content moves by (dy, dx)
+    to = dict(device=images.device, dtype=images.dtype)
+    shifted = 1.0 - contrast.to(**to).view(-1, 1, 1, 1) * (1.0 - shifted)
+    kernel = torch.tensor([1.0, 2.0, 1.0], **to)
+    kernel = (kernel[:, None] * kernel[None, :] / 16.0).expand(images.shape[1], 1, 3, 3)
+    blurred = F.conv2d(F.pad(shifted, (1, 1, 1, 1), mode="replicate"), kernel, groups=images.shape[1])
+    a = blur.to(**to).view(-1, 1, 1, 1)
+    return ((1 - a) * shifted + a * blurred).clamp(-1.0, 1.0)
+
+
+# -- cdcd -------------------------------------------------------------------------------------------------------
+
+
+def _negative_views(
+    batch: TrainBatch, sched: DDPMScheduler, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Noisy negatives ``[B*k, C, H, W]`` (item-major), their noise, timesteps ``[B*k]``, text index, mask ``[B, k]``."""
+    index, valid = choose_negatives(batch.markup_keys, k, batch.generator)
+    b = batch.images.shape[0]
+    y0_neg = batch.images[index.flatten()]  # (B*k, C, H, W)
+    eps_neg = _randn(tuple(y0_neg.shape), batch.generator, y0_neg)
+    t_neg = batch.timesteps.repeat_interleave(k)
+    text_index = torch.arange(b, device=batch.images.device).repeat_interleave(k)  # paired with the item's markup
+    return sched.add_noise(y0_neg, eps_neg, t_neg), eps_neg, t_neg, text_index, valid
+
+
+def cdcd_loss(
+    model: torch.nn.Module, batch: TrainBatch, sched: DDPMScheduler, params: Params, step: int
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """``L_simple(y0) - w mean_k L_simple(negative_k)``, ``w = train.cdcd_weight``; one U-Net call of ``(K+1)B``."""
+    k, b = params.train.num_negatives, batch.images.shape[0]
+    y_t = sched.add_noise(batch.images, batch.noise, batch.timesteps)
+    y_neg, eps_neg, t_neg, idx_neg, valid = _negative_views(batch, sched, k)
+    text_index = torch.cat([torch.arange(b, device=y_t.device), idx_neg])
+    eps_pred = model(
+        torch.cat([y_t, y_neg]), torch.cat([batch.timesteps, t_neg]), batch.input_ids, batch.attention_mask,
+        text_index=text_index,
+    )
+    losses = simple_loss(eps_pred, torch.cat([batch.noise, eps_neg]))
+    per_item, neg = losses[:b], losses[b:].view(b, k)
+    w = valid.to(neg.dtype)
+    neg_mean = ((neg * w).sum(1) / w.sum(1).clamp(min=1)).mean()
+    loss = per_item.mean() - params.train.cdcd_weight * neg_mean
+    return loss, {"loss_simple": per_item.mean().item(), "loss_negative": neg_mean.item(), "per_item": per_item.detach()}
+
+
+# -- fsa_cdm ----------------------------------------------------------------------------------------------------
+
+
+def fsa_cdm_loss(
+    model: torch.nn.Module, batch: TrainBatch, sched: DDPMScheduler, params: Params, step: int
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """FSA-CDM (design §4): ``beta L_fa + L_simple(y0) + L_simple(y0') + lambda mean_k e^{-2 L_simple(neg_k)}
+    + L_infonce(tau)``. Anchor, positive and K negatives share ``t`` and run as one U-Net call of ``(K+2)B``.
+
+    ``model.con_aug`` off: ``L_simple(y0) + beta L_fa``; ``model.fsa`` off: no ``L_fa``.
+    """
+    cfg = _unwrap(model).model_cfg
+    b = batch.images.shape[0]
+    y_t = sched.add_noise(batch.images, batch.noise, batch.timesteps)
+    align = batch.images if cfg.fsa else None
+    terms: dict[str, float] = {}
+    if not cfg.con_aug:
+        out = model(y_t, batch.timesteps, batch.input_ids, batch.attention_mask, align_images=align)
+        eps_pred = out if align is None else out.sample
+        per_item = simple_loss(eps_pred, batch.noise)
+        loss = per_item.mean()
+    else:
+        k = params.train.num_negatives
+        y0_pos = augment_positive(batch.images, batch.generator)
+        eps_pos = _randn(tuple(y0_pos.shape), batch.generator, y0_pos)
+        y_pos = sched.add_noise(y0_pos, eps_pos, batch.timesteps)
+        y_neg, eps_neg, t_neg, idx_neg, valid = _negative_views(batch, sched, k)
+        own = torch.arange(b, device=y_t.device)
+        out = model(
+            torch.cat([y_t, y_pos, y_neg]),
+            torch.cat([batch.timesteps, batch.timesteps, t_neg]),
+            batch.input_ids,
+            batch.attention_mask,
+            text_index=torch.cat([own, own, idx_neg]),
+            align_images=align,
+            return_mid=True,
+        )
+        losses = simple_loss(out.sample, torch.cat([batch.noise, eps_pos, eps_neg]))
+        per_item, pos_simple, neg_simple = losses[:b], losses[b : 2 * b], losses[2 * b :].view(b, k)
+        z = out.mid_projection
+        penalty = negative_elbo_penalty(neg_simple, valid)
+        nce = info_nce_loss(z[:b], z[b : 2 * b], z[2 * b :].view(b, k, -1), params.tau, valid)
+        loss = per_item.mean() + pos_simple.mean() + params.contrastive_weight * penalty + nce
+        terms |= {"loss_positive": pos_simple.mean().item(), "loss_eubo": penalty.item(), "loss_infonce": nce.item()}
+        terms["negatives_valid"] = valid.float().mean().item()
+    if cfg.fsa:
+        loss = loss + params.beta * out.alignment_loss
+        terms["loss_fa"] = out.alignment_loss.item()
+    terms |= {"loss_simple": per_item.mean().item(), "per_item": per_item.detach()}
+    return loss, terms
+
+
+ObjectiveFn = Callable[[torch.nn.Module, TrainBatch, DDPMScheduler, Params, int], tuple[torch.Tensor, dict]]
+
+OBJECTIVES: dict[str, ObjectiveFn] = {
+    "ddpm": ddpm_loss,
+    "ss_dm": ss_dm_loss,
+    "cdcd": cdcd_loss,
+    "fsa_cdm": fsa_cdm_loss,
+}
+
+
+def get_objective(name: str) -> ObjectiveFn:
+    if name not in OBJECTIVES:
+        raise ValueError(f"train.objective: unknown objective {name!r}; choose from {sorted(OBJECTIVES)}")
+    return OBJECTIVES[name]

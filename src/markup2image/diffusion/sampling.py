@@ -1,0 +1,115 @@
+"""Samplers (design §5): DDPM ancestral (the paper protocol), DDIM and DPM-Solver++ from diffusers.
+
+* ``ddpm``: 1000 steps, ``fixed_small`` variance, x̂0 clipped to [-1, 1]. It runs as diffusers' ``DDIMScheduler``
+  with ``eta = 1`` over every timestep and ``use_clipped_model_output``: that is algebraically the DDPM posterior
+  step (sigma_t^2 = beta~_t, mean = mu~(x_t, clip(x̂0))), and unlike ``DDPMScheduler.step`` it takes its noise as
+  an argument. ``tests/unit/test_sampling.py`` checks the equality against ``DDPMScheduler``.
+* ``ddim``: deterministic (eta = 0), fewer steps.
+* ``dpm_solver``: DPM-Solver++ (2nd order multistep), fewer steps.
+
+All noise comes from ``numpy.random.default_rng(seed)`` (one generator per batch) so the torch-free runtime
+reproduces the same images from the same seed.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from tqdm.auto import tqdm
+
+from markup2image.config import DiffusionConfig
+
+SamplerName = Literal["ddpm", "ddim", "dpm_solver"]
+SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpm_solver")
+
+
+def scheduler_config(cfg: DiffusionConfig) -> dict:
+    """The noise schedule shared by training, every sampler and the exported manifest."""
+    return {
+        "num_train_timesteps": cfg.num_train_timesteps,
+        "beta_start": cfg.beta_start,
+        "beta_end": cfg.beta_end,
+        "beta_schedule": cfg.beta_schedule,
+        "prediction_type": "epsilon",
+    }
+
+
+def make_scheduler(name: str, cfg: DiffusionConfig) -> DDIMScheduler | DPMSolverMultistepScheduler:
+    """A fresh diffusers scheduler for sampler ``name``."""
+    base = scheduler_config(cfg)
+    if name in ("ddpm", "ddim"):
+        return DDIMScheduler(**base, clip_sample=True, clip_sample_range=1.0, set_alpha_to_one=True, steps_offset=0)
+    if name == "dpm_solver":
+        return DPMSolverMultistepScheduler(**base, algorithm_type="dpmsolver++", solver_order=2)
+    raise ValueError(f"sampler: unknown sampler {name!r}; choose from {list(SAMPLERS)}")
+
+
+def eta_for(name: str) -> float:
+    return 1.0 if name == "ddpm" else 0.0
+
+
+def check_steps(name: str, steps: int, cfg: DiffusionConfig) -> int:
+    if name == "ddpm" and steps != cfg.num_train_timesteps:
+        raise ValueError(
+            f"steps: the ddpm sampler runs all {cfg.num_train_timesteps} steps (got {steps}); "
+            "use --sampler ddim or dpm_solver for fewer"
+        )
+    if not 1 <= steps <= cfg.num_train_timesteps:
+        raise ValueError(f"steps: {steps} is outside 1..{cfg.num_train_timesteps}")
+    return steps
+
+
+@torch.no_grad()
+def sample_images(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    sampler: str,
+    steps: int,
+    seed: int,
+    diffusion: DiffusionConfig,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Sample one batch. ``input_ids, attention_mask [B, N]`` -> images in [-1, 1], ``[B, C, H, W]`` float32.
+
+    ``model`` must provide ``encode(ids, mask)`` and ``denoise(x, t, hidden, mask)`` and an ``image`` geometry.
+    The markup is encoded once per batch, not once per step.
+    """
+    check_steps(sampler, steps, diffusion)
+    device = input_ids.device
+    img = model.image
+    shape = (input_ids.shape[0], img.channels, img.height, img.width)
+    rng = np.random.default_rng(seed)
+    x = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)).to(device)
+    sched = make_scheduler(sampler, diffusion)
+    sched.set_timesteps(steps)
+    hidden = model.encode(input_ids, attention_mask)  # (B, N, D), once per batch
+    eta = eta_for(sampler)
+    for t in tqdm(sched.timesteps, desc=f"{sampler} sampling", disable=not progress, leave=False):
+        tt = torch.full((shape[0],), int(t), device=device, dtype=torch.long)
+        eps = model.denoise(x, tt, hidden, attention_mask)
+        if isinstance(sched, DDIMScheduler):
+            noise = None
+            if eta > 0:
+                noise = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)).to(device)
+            x = sched.step(eps, int(t), x, eta=eta, use_clipped_model_output=True, variance_noise=noise).prev_sample
+        else:
+            x = sched.step(eps, t, x).prev_sample
+    return x.clamp(-1, 1)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """``[B, C, H, W]`` in [-1, 1] -> uint8 ``[B, H, W]`` (C=1) or ``[B, H, W, 3]``."""
+    arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    arr = arr.transpose(0, 2, 3, 1)
+    return arr[..., 0] if arr.shape[-1] == 1 else arr
+
+
+def from_uint8(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``[B, H, W]`` or ``[B, H, W, 3]`` -> float ``[B, C, H, W]`` in [-1, 1]."""
+    arr = images[..., None] if images.ndim == 3 else images
+    return torch.from_numpy(arr.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0)

@@ -1,0 +1,106 @@
+"""The evaluate stage (design §6): sample the test set, score it, and write metrics, per-image scores and a grid.
+
+Protocol: the test split shuffled with seed 42 (``evaluate.seed``), the first ``evaluate.num_samples`` items;
+images saved as 8-bit PNGs; scored in grayscale. The blank-image baseline (all white) is always reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from markup2image.config import Params
+from markup2image.diffusion.sampling import sample_images, to_uint8
+from markup2image.io import load_image, read_jsonl, save_png, write_json
+from markup2image.models.model import load_model
+from markup2image.text.tokenizer import encode_batch, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+METRICS = ("dtw", "dtw_ti", "rmse", "ssim", "psnr", "ergas", "rase")
+
+
+def select_test_items(rows: list[dict], num_samples: int, seed: int = 42) -> list[dict]:
+    """Shuffle the test split with ``seed`` and keep the first ``num_samples`` (all if ``num_samples <= 0``)."""
+    order = np.random.RandomState(seed).permutation(len(rows))
+    chosen = [rows[i] for i in order]
+    return chosen if num_samples <= 0 else chosen[:num_samples]
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def evaluate(params: Params, domain: str, model_dir: Path, rendered_dir: Path, out_dir: Path) -> dict:
+    """Sample, score and write ``metrics.json``, ``scores.json``, ``grid.png`` and ``samples/`` into ``out_dir``."""
+    from markup2image.evaluation.report import save_comparison_grid
+    from markup2image.evaluation.score import score_arrays
+
+    cfg = params.evaluate
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(model_dir, map_location=device).to(device)
+    tok = load_tokenizer(model_dir)
+    items = select_test_items(read_jsonl(rendered_dir / "test.jsonl"), cfg.num_samples, cfg.seed)
+    if not items:
+        raise ValueError(f"{rendered_dir}/test.jsonl: no rendered test items to evaluate")
+    channels = model.image.channels
+    preds, golds, names = [], [], []
+    t0 = time.perf_counter()
+    batches = range(0, len(items), cfg.batch_size)
+    for b, start in enumerate(tqdm(batches, desc=f"evaluate {domain}")):
+        chunk = items[start : start + cfg.batch_size]
+        ids, mask = encode_batch(tok, [r["markup"] for r in chunk], model.model_cfg.max_text_length)
+        images = sample_images(
+            model,
+            torch.from_numpy(ids).to(device),
+            torch.from_numpy(mask).to(device),
+            sampler=cfg.sampler,
+            steps=cfg.steps,
+            seed=cfg.seed + b,  # one generator per batch
+            diffusion=params.diffusion,
+        )
+        for r, img in zip(chunk, to_uint8(images)):
+            save_png(out_dir / "samples" / f"{r['id']}.png", img)
+            preds.append(img)
+            golds.append(load_image(rendered_dir / r["image"], channels))
+            names.append(r["id"])
+    seconds = time.perf_counter() - t0
+    scores = score_arrays(preds, golds, names)
+    n_params = sum(p.numel() for p in model.parameters())
+    metrics = flat_metrics(scores, n_params=n_params, seconds_per_image=seconds / len(items), n=len(items))
+    run = {
+        "sampler": cfg.sampler,
+        "steps": cfg.steps,
+        "batch_size": cfg.batch_size,
+        "device": device_name(),
+        "seconds_per_image": seconds / len(items),
+        "parameters": n_params,
+        "num_samples": len(items),
+    }
+    write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / "scores.json", scores | {"run": run})
+    write_json(out_dir / "per_image.json", {"per_image": scores["per_image"]})
+    save_comparison_grid(golds, preds, out_dir / "grid.png", titles=names, max_items=cfg.grid_rows)
+    log.info("evaluated %d %s items: DTW %.2f (blank %.2f)", len(items), domain, metrics["dtw"], metrics["blank_dtw"])
+    return metrics
+
+
+def flat_metrics(scores: dict, *, n_params: int, seconds_per_image: float, n: int) -> dict[str, float]:
+    """Flat keys for ``dvc metrics diff``: model means, ``blank_*`` baseline means, and run facts."""
+    out: dict[str, float] = {}
+    for k in METRICS:
+        out[k] = float(scores["summary"][k])
+    for k in METRICS:
+        out[f"blank_{k}"] = float(scores["blank_baseline"][k])
+    out["num_samples"] = n
+    out["parameters"] = n_params
+    out["seconds_per_image"] = round(seconds_per_image, 4)
+    return out

@@ -1,0 +1,235 @@
+"""The conditional denoiser: markup encoder + diffusers ``UNet2DConditionModel`` (design §4).
+
+``MarkupToImageModel`` is what training, sampling, evaluation and export share. It is saved as a folder holding
+``model_config.json`` (everything needed to rebuild it) and ``model.safetensors``.
+
+Parts that exist only when their switch is on (paper Table 2 ablations), so switching one off removes both its
+parameters and its compute:
+
+* ``model.fsa``: :class:`FineGrainedSequenceAlignment` (``self.alignment``), training only;
+* ``model.con_aug``: the projection head of the InfoNCE term (``self.contrastive_head``), training only;
+* ``model.ccam``: CCAM processors inside the U-Net (used at sampling time too).
+
+Training objectives call the model only through ``forward`` (one call per step with gradients), so a
+``DistributedDataParallel`` wrapper sees every parameter it has to reduce.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+from torch import nn
+
+from markup2image.config import DomainConfig, ModelConfig
+from markup2image.io import atomic_open
+from markup2image.models.encoder import PretrainedMarkupEncoder, TransformerMarkupEncoder
+from markup2image.models.fsa import FineGrainedSequenceAlignment
+from markup2image.models.unet_parts import build_unet
+
+__all__ = [
+    "DenoiserOutput",
+    "MarkupToImageModel",
+    "build_encoder",
+    "build_unet",
+    "load_model",
+    "model_from_config",
+    "unwrap_model",
+]
+
+MODEL_CONFIG = "model_config.json"
+MODEL_WEIGHTS = "model.safetensors"
+
+
+def build_encoder(cfg: ModelConfig, vocab_size: int, pad_id: int, load_pretrained: bool = True) -> nn.Module:
+    """The markup encoder of ``cfg.encoder``; ``load_pretrained=False`` builds a pretrained LM from its config only."""
+    if cfg.encoder == "pretrained":
+        if not cfg.pretrained_encoder:
+            raise ValueError("model.pretrained_encoder: set a local folder or hub id when model.encoder is pretrained")
+        return PretrainedMarkupEncoder(
+            path_or_id=cfg.pretrained_encoder,
+            dim=cfg.encoder_dim,
+            num_heads=cfg.encoder_heads,
+            load_weights=load_pretrained,
+        )
+    return TransformerMarkupEncoder(
+        vocab_size=vocab_size,
+        dim=cfg.encoder_dim,
+        num_layers=cfg.encoder_layers,
+        num_heads=cfg.encoder_heads,
+        max_length=cfg.max_text_length,
+        pad_id=pad_id,
+    )
+
+
+class ContrastiveHead(nn.Module):
+    """Pooled U-Net mid-block features ``[B, C, h, w]`` -> L2-normalised projections ``[B, P]``."""
+
+    def __init__(self, channels: int, dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(channels, channels), nn.SiLU(), nn.Linear(channels, dim))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(self.net(features.mean(dim=(2, 3))), dim=-1)
+
+
+@dataclass
+class DenoiserOutput:
+    """What a training forward returns when it is asked for more than the noise prediction.
+
+    sample: ``eps_theta [B', C, H, W]``; alignment_loss: scalar ``L_fa`` (``align_images`` given);
+    mid_projection: ``[B', P]`` normalised projections of pooled mid-block features (``return_mid``).
+    """
+
+    sample: torch.Tensor
+    alignment_loss: torch.Tensor | None = None
+    mid_projection: torch.Tensor | None = None
+
+
+def unwrap_model(model: nn.Module) -> MarkupToImageModel:
+    """The ``MarkupToImageModel`` inside DDP / ``torch.compile`` wrappers."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+class MarkupToImageModel(nn.Module):
+    """``eps_theta(y_t, t, markup)``.
+
+    Args:
+        model_cfg: the ``model`` params section.
+        image: geometry of the domain's images.
+        vocab_size / pad_id: from the tokenizer.
+        load_pretrained: False builds a pretrained encoder from its config without weights (parameter counts).
+    """
+
+    def __init__(
+        self,
+        *,
+        model_cfg: ModelConfig,
+        image: DomainConfig,
+        vocab_size: int,
+        pad_id: int = 0,
+        load_pretrained: bool = True,
+    ) -> None:
+        super().__init__()
+        self.model_cfg = model_cfg
+        self.image = image
+        self.vocab_size = vocab_size
+        self.pad_id = pad_id
+        self.encoder = build_encoder(model_cfg, vocab_size, pad_id, load_pretrained=load_pretrained)
+        self.unet: UNet2DConditionModel = build_unet(model_cfg, image)
+        self.alignment = FineGrainedSequenceAlignment(model_cfg, image) if model_cfg.fsa else None
+        mid_channels = model_cfg.block_out_channels[-1]
+        self.contrastive_head = ContrastiveHead(mid_channels, model_cfg.contrastive_dim) if model_cfg.con_aug else None
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``[B, N]`` ids and mask -> markup features ``t [B, N, D]``."""
+        return self.encoder(input_ids, attention_mask)
+
+    def denoise(
+        self, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """``sample [B, C, H, W]``, ``timestep [B]``, ``hidden [B, N, D]``, mask ``[B, N]`` -> ``eps [B, C, H, W]``."""
+        return self.unet(sample, timestep, encoder_hidden_states=hidden, encoder_attention_mask=attention_mask).sample
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        text_index: torch.Tensor | None = None,
+        align_images: torch.Tensor | None = None,
+        return_mid: bool = False,
+    ) -> torch.Tensor | DenoiserOutput:
+        """``eps_theta``; with any keyword option a :class:`DenoiserOutput`.
+
+        Args:
+            sample: ``y_t [B', C, H, W]``; timestep ``[B']``.
+            input_ids, attention_mask: ``[B, N]`` markup, encoded once.
+            text_index: ``[B']`` row of the markup batch each sample is conditioned on (default: ``B' = B``,
+                sample ``i`` on markup ``i``). Lets K+2 views of a batch share one encoding and one U-Net call.
+            align_images: clean images ``y0 [B, C, H, W]`` for the FSA loss (needs ``model.fsa``).
+            return_mid: also return the contrastive projections of the mid-block features (needs ``model.con_aug``).
+        """
+        hidden = self.encode(input_ids, attention_mask)  # (B, N, D)
+        alignment_loss = None
+        if align_images is not None:
+            if self.alignment is None:
+                raise ValueError("model.fsa: the FSA loss was requested but model.fsa is false")
+            alignment_loss = self.alignment(align_images, hidden, attention_mask)
+        mask = attention_mask
+        if text_index is not None:
+            hidden, mask = hidden[text_index], attention_mask[text_index]  # (B', N, D), (B', N)
+        if not return_mid:
+            eps = self.denoise(sample, timestep, hidden, mask)
+            return eps if align_images is None else DenoiserOutput(eps, alignment_loss)
+        if self.contrastive_head is None:
+            raise ValueError("model.con_aug: mid-block projections were requested but model.con_aug is false")
+        captured: list[torch.Tensor] = []
+        handle = self.unet.mid_block.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        try:
+            eps = self.denoise(sample, timestep, hidden, mask)
+        finally:
+            handle.remove()
+        return DenoiserOutput(eps, alignment_loss, self.contrastive_head(captured[0]))
+
+    # -- persistence --------------------------------------------------------------------------------------------
+
+    def config_dict(self) -> dict[str, Any]:
+        return {
+            "model": dataclasses.asdict(self.model_cfg),
+            "image": dataclasses.asdict(self.image),
+            "vocab_size": self.vocab_size,
+            "pad_id": self.pad_id,
+        }
+
+    def save(self, folder: str | Path, extra: dict[str, Any] | None = None) -> None:
+        """Write ``model_config.json`` and ``model.safetensors`` into ``folder`` (atomically, file by file)."""
+        from safetensors.torch import save
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        cfg = self.config_dict() | (extra or {})
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        with atomic_open(folder / MODEL_WEIGHTS, "wb") as fh:
+            fh.write(save(state))
+        with atomic_open(folder / MODEL_CONFIG) as fh:
+            json.dump(cfg, fh, indent=2)
+
+
+def model_from_config(cfg: dict[str, Any]) -> MarkupToImageModel:
+    """Rebuild an (untrained) model from a ``model_config.json`` dict."""
+    from markup2image.config import _check_type
+
+    model_cfg = _check_type(cfg["model"], ModelConfig, "model_config.model")
+    image = _check_type(cfg["image"], DomainConfig, "model_config.image")
+    return MarkupToImageModel(model_cfg=model_cfg, image=image, vocab_size=cfg["vocab_size"], pad_id=cfg["pad_id"])
+
+
+def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> MarkupToImageModel:
+    """Load a model saved by :meth:`MarkupToImageModel.save`."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg_path = folder / MODEL_CONFIG
+    if not cfg_path.exists():
+        raise FileNotFoundError(
+            f"{folder}: no {MODEL_CONFIG}; point --model at a trained model folder (models/<domain>/model)"
+        )
+    cfg = json.loads(cfg_path.read_text())
+    model = model_from_config(cfg)
+    state = load_file(str(folder / MODEL_WEIGHTS), device=str(map_location))
+    model.load_state_dict(state)
+    return model.eval()

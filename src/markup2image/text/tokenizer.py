@@ -1,0 +1,114 @@
+"""Markup tokenizers: a BPE trained on the train split with HF ``tokenizers``, or a pretrained one.
+
+The im2latex-style corpora are already space-separated into markup tokens (``\\frac { a } { b }``), so the BPE
+works on whitespace-split words and merges within them (useful for SMILES and HTML, which are not pre-split).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+log = logging.getLogger(__name__)
+
+PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
+SPECIAL_TOKENS = [PAD, UNK, BOS, EOS]
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    """Train a BPE over whitespace-split markup; ``[PAD]`` gets id 0."""
+    tok = Tokenizer(models.BPE(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.BPEDecoder()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS, show_progress=False
+    )
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    # [BOS] ... [EOS] around every item: the attention mask is never empty, even for empty markup.
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, tok.token_to_id(BOS)), (EOS, tok.token_to_id(EOS))]
+    )
+    return tok
+
+
+def load_tokenizer(path_or_id: str | Path) -> Tokenizer:
+    """Load ``tokenizer.json`` from a folder or file, or a pretrained tokenizer by hub id / local folder."""
+    p = Path(path_or_id)
+    if p.is_dir() and (p / TOKENIZER_FILE).exists():
+        return Tokenizer.from_file(str(p / TOKENIZER_FILE))
+    if p.is_file():
+        return Tokenizer.from_file(str(p))
+    try:
+        return Tokenizer.from_pretrained(str(path_or_id))
+    except Exception as exc:  # noqa: BLE001 - the hub client raises many kinds
+        raise FileNotFoundError(
+            f"tokenizer {path_or_id!r}: not a tokenizer.json, a folder holding one, or a reachable hub id ({exc}); "
+            "run the tokenize stage or set tokenize.pretrained to a local folder"
+        ) from exc
+
+
+def pad_id(tok: Tokenizer) -> int:
+    pid = tok.token_to_id(PAD)
+    return 0 if pid is None else pid
+
+
+def encode_batch(tok: Tokenizer, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Encode markup to ``input_ids [B, N]`` and ``attention_mask [B, N]`` (int64), padded to the longest item.
+
+    Items longer than ``max_length`` are truncated (and logged once per call).
+    """
+    encs = tok.encode_batch(list(texts))
+    ids = [e.ids[:max_length] for e in encs]
+    if any(len(e.ids) > max_length for e in encs):
+        log.warning("%d markup item(s) truncated to %d tokens", sum(len(e.ids) > max_length for e in encs), max_length)
+    n = max(1, max(len(x) for x in ids))
+    out = np.full((len(ids), n), pad_id(tok), dtype=np.int64)
+    mask = np.zeros((len(ids), n), dtype=np.int64)
+    for i, row in enumerate(ids):
+        out[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return out, mask
+
+
+def tokenize_corpus(
+    rendered_dir: str | Path, out_dir: str | Path, vocab_size: int, min_frequency: int, pretrained: str = ""
+) -> dict:
+    """The tokenize stage: train BPE on the rendered train split (or load ``pretrained``), write ids for all splits.
+
+    Writes ``out_dir/tokenizer.json`` and ``out_dir/<split>.jsonl`` rows ``{"id", "ids"}``. Returns counts and
+    the vocabulary size.
+    """
+    from markup2image.io import atomic_open, read_jsonl, write_json, write_jsonl
+
+    rendered_dir, out_dir = Path(rendered_dir), Path(out_dir)
+    splits = {s: read_jsonl(rendered_dir / f"{s}.jsonl") for s in ("train", "val", "test")}
+    if pretrained:
+        tok = load_tokenizer(pretrained)
+    else:
+        if not splits["train"]:
+            raise ValueError(f"{rendered_dir}/train.jsonl: no rendered training markup to train the tokenizer on")
+        tok = train_bpe((r["markup"] for r in splits["train"]), vocab_size, min_frequency)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_open(out_dir / TOKENIZER_FILE) as fh:
+        fh.write(tok.to_str())
+    counts = {}
+    for split, rows in splits.items():
+        encs = tok.encode_batch([r["markup"] for r in rows]) if rows else []
+        counts[split] = write_jsonl(
+            out_dir / f"{split}.jsonl", ({"id": r["id"], "ids": e.ids} for r, e in zip(rows, encs))
+        )
+    lengths = [len(e) for s in splits.values() for e in tok.encode_batch([r["markup"] for r in s])] or [0]
+    report = {
+        "vocab_size": tok.get_vocab_size(),
+        "counts": counts,
+        "max_tokens": max(lengths),
+        "mean_tokens": float(np.mean(lengths)),
+        "unk_id": tok.token_to_id(UNK),
+    }
+    write_json(out_dir / "tokenize_report.json", report)
+    return report

@@ -1,0 +1,18 @@
+"""download: markup corpus with ids and train/val/test splits -> data/raw/<domain>/."""
+
+from pathlib import Path
+
+from markup2image.data.download import download_corpus
+from markup2image.stage_args import parser, setup
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+    params = setup(args)
+    download_corpus(args.domain, params, args.out)
+
+
+if __name__ == "__main__":
+    main()

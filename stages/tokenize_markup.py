@@ -1,0 +1,20 @@
+"""tokenize: BPE tokenizer trained on the train split (or a pretrained one), ids for all splits."""
+
+from pathlib import Path
+
+from markup2image.stage_args import parser, setup
+from markup2image.text.tokenizer import tokenize_corpus
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--rendered", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+    params = setup(args)
+    t = params.tokenize
+    tokenize_corpus(args.rendered, args.out, t.vocab_size, t.min_frequency, t.pretrained)
+
+
+if __name__ == "__main__":
+    main()
