@@ -1,0 +1,143 @@
+"""HTML tables with WeasyPrint (HTML -> PDF) and pypdfium2 (PDF -> pixels).
+
+Many tables go into one document, one per page, so WeasyPrint's set-up is paid once per batch; a batch whose pages
+do not line up with its items is rendered item by item. Presentation is fixed here, not in the markup: DejaVu Sans
+at ``cfg.font_size`` CSS px (default 6 px for the 64x64 canvas) with HTML presentational hints on (``border``,
+``cellpadding``, ``align``), rendered at 96 dpi so one CSS px is one pixel. Markup whose tags do not balance is a
+``parse_error`` (browsers would guess; a gold image must not depend on guessing). No external resource is fetched.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from html.parser import HTMLParser
+
+import numpy as np
+
+from markup2image.config import DomainConfig
+from markup2image.data.renderers.base import RenderError, RenderResult, place_top_left
+from markup2image.data.renderers.tools import BatchOutcome, bisect_batches
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DPI = 96.0
+PAGE_PX = 600  # an item that spills past one 600x600 px page is far beyond any canvas: overflow
+VOID = {"br", "hr", "img", "col", "wbr", "meta", "link", "input", "area", "base", "source"}
+# HTML lets these close themselves when a sibling or the parent closes
+OPTIONAL_CLOSE = {"td", "th", "tr", "thead", "tbody", "tfoot", "p", "li", "colgroup", "option", "caption"}
+FORBIDDEN = {"script", "iframe", "object", "embed", "frame", "frameset", "svg", "math", "img", "link", "form"}
+CSS = """@page {{ size: {page}px {page}px; margin: 0 }}
+html, body {{ margin: 0; padding: 0; background: white; color: black }}
+.m2i-item {{ page-break-after: always; font-family: 'DejaVu Sans', sans-serif; font-size: {size}px }}
+table {{ font-size: inherit }}
+"""
+
+
+class _TagChecker(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.stack: list[str] = []
+        self.error = ""
+        self.text = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in FORBIDDEN and not self.error:
+            self.error = f"<{tag}> is not allowed in table markup"
+        if tag not in VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in VOID:
+            return
+        if tag not in self.stack:
+            self.error = self.error or f"</{tag}> closes nothing"
+            return
+        while self.stack and self.stack[-1] != tag:
+            inner = self.stack.pop()
+            if inner not in OPTIONAL_CLOSE:
+                self.error = self.error or f"<{inner}> is not closed before </{tag}>"
+        self.stack.pop()
+
+    def handle_data(self, data: str) -> None:
+        self.text = self.text or bool(data.strip())
+
+
+def check_html(markup: str) -> None:
+    """Raise ``RenderError("parse_error")`` if tags do not balance or are not allowed, ``empty`` if nothing shows."""
+    checker = _TagChecker()
+    checker.feed(markup)
+    checker.close()
+    if checker.error:
+        raise RenderError("parse_error", checker.error)
+    unclosed = [t for t in checker.stack if t not in OPTIONAL_CLOSE]
+    if unclosed:
+        raise RenderError("parse_error", f"<{unclosed[-1]}> is never closed")
+    if not markup.strip():
+        raise RenderError("empty", "the markup is empty")
+
+
+def _refuse_fetch(url: str, *args: object, **kwargs: object) -> dict:
+    raise ValueError(f"external resource {url!r} is not fetched when rendering")
+
+
+class WeasyprintEngine:
+    """``engine: weasyprint`` — batch-capable."""
+
+    name = "weasyprint"
+
+    def __init__(self) -> None:
+        try:
+            import pypdfium2
+            import weasyprint
+        except ImportError as exc:  # pragma: no cover - both are project dependencies
+            raise RenderError("renderer_missing", f"{exc}; pip install weasyprint pypdfium2") from exc
+        self._weasyprint, self._pdfium = weasyprint, pypdfium2
+        logging.getLogger("weasyprint").setLevel(logging.ERROR)  # it warns about every unknown CSS hint
+        logging.getLogger("fontTools").setLevel(logging.ERROR)
+
+    def render(self, markup: str, cfg: DomainConfig) -> np.ndarray:
+        check_html(markup)
+        (result,), _ = self._run([("item", markup)], cfg)
+        if result.image is None:
+            raise RenderError(result.reason or "crash", result.detail)  # type: ignore[arg-type]
+        return result.image
+
+    def iter_batch(
+        self, items: Sequence[tuple[str, str]], cfg: DomainConfig, timeout: float
+    ) -> Iterator[RenderResult]:
+        todo = []
+        for item_id, markup in items:
+            try:
+                check_html(markup)
+            except RenderError as exc:
+                yield RenderResult(item_id, reason=exc.reason, detail=exc.detail)
+                continue
+            todo.append((item_id, markup))
+        yield from bisect_batches(todo, lambda chunk: self._run(chunk, cfg), timeout)
+
+    def _run(self, chunk: list[tuple[str, str]], cfg: DomainConfig) -> BatchOutcome:
+        """One WeasyPrint document over ``chunk``; items whose pages cannot be attributed are returned as left over."""
+        body = "".join(f'<div class="m2i-item">{markup}</div>' for _, markup in chunk)
+        style = CSS.format(page=PAGE_PX, size=cfg.font_size)
+        html = f"<html><head><style>{style}</style></head><body>{body}</body></html>"
+        pdf = self._weasyprint.HTML(string=html, url_fetcher=_refuse_fetch).write_pdf(presentational_hints=True)
+        doc = self._pdfium.PdfDocument(pdf)
+        try:
+            if len(doc) != len(chunk):
+                if len(chunk) == 1:
+                    detail = f"the table spills over {len(doc)} pages of {PAGE_PX}x{PAGE_PX} px"
+                    return [RenderResult(chunk[0][0], reason="overflow", detail=detail)], []
+                return [], chunk
+            scale = (cfg.dpi or DEFAULT_DPI) / 72.0
+            results = []
+            for (item_id, _), page in zip(chunk, doc, strict=True):
+                gray = page.render(scale=scale, grayscale=True).to_numpy()
+                gray = gray[..., 0] if gray.ndim == 3 else gray
+                try:
+                    results.append(RenderResult(item_id, image=place_top_left(np.ascontiguousarray(gray), cfg)))
+                except RenderError as exc:
+                    results.append(RenderResult(item_id, reason=exc.reason, detail=exc.detail))
+            return results, []
+        finally:
+            doc.close()
