@@ -46,7 +46,7 @@ def _default_domain_configs() -> dict[str, DomainConfig]:
     return {
         "math": DomainConfig(height=64, width=320, channels=1, engine="mathtext"),
         "tables": DomainConfig(height=64, width=64, channels=1, engine="weasyprint", font_size=6.0),
-        "music": DomainConfig(height=192, width=448, channels=1, engine="lilypond"),
+        "music": DomainConfig(height=192, width=448, channels=1, engine="lilypond", font_size=20.0),
         "molecules": DomainConfig(height=128, width=128, channels=3, engine="rdkit"),
     }
 

@@ -40,13 +40,15 @@ def _register_optional() -> None:
     """Import the other domains' generators lazily (they may need heavier packages)."""
     if len(GENERATORS) > 1:
         return
+    from markup2image.data.generators.music import generate_music
+    from markup2image.data.generators.tables import generate_table
+
+    GENERATORS.update({"tables": generate_table, "music": generate_music})
     try:
         from markup2image.data.generators.molecules import generate_molecule
-        from markup2image.data.generators.music import generate_music
-        from markup2image.data.generators.tables import generate_table
-    except ImportError:  # phase-1 tree: math only
+    except ImportError:  # molecules not there yet
         return
-    GENERATORS.update({"tables": generate_table, "music": generate_music, "molecules": generate_molecule})
+    GENERATORS["molecules"] = generate_molecule
 
 
 def _split_rng(domain: str, seed: int, split: str) -> random.Random:

@@ -112,14 +112,14 @@ class LatexEngine:
                 if len(chunk) == 1:
                     detail = f"the formula typeset to {len(pages)} pages instead of 1"
                     return [RenderResult(chunk[0][0], reason="parse_error", detail=detail)], []
-                return [], chunk
+                return [], [[it] for it in chunk]
             results = [
                 self._result(item_id, page, cfg) for (item_id, _), page in zip(chunk[:n_ok], pages, strict=True)
             ]
             if message:
                 assert failed is not None
                 results.append(RenderResult(chunk[failed][0], reason="parse_error", detail=f"LaTeX: {message}"))
-                return results, chunk[failed + 1 :]
+                return results, [chunk[failed + 1 :]]
             return results, []
 
     def _pages(self, work: Path, cfg: DomainConfig, timeout: float) -> list[np.ndarray]:

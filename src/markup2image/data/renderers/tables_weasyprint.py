@@ -128,7 +128,7 @@ class WeasyprintEngine:
                 if len(chunk) == 1:
                     detail = f"the table spills over {len(doc)} pages of {PAGE_PX}x{PAGE_PX} px"
                     return [RenderResult(chunk[0][0], reason="overflow", detail=detail)], []
-                return [], chunk
+                return [], [[it] for it in chunk]
             scale = (cfg.dpi or DEFAULT_DPI) / 72.0
             results = []
             for (item_id, _), page in zip(chunk, doc, strict=True):

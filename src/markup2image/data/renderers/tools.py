@@ -10,8 +10,8 @@ from pathlib import Path
 
 from markup2image.data.renderers.base import RenderError, RenderResult
 
-# What a batch runner returns: results it could attribute, and the items it could not (to be retried smaller).
-BatchOutcome = tuple[list[RenderResult], list[tuple[str, str]]]
+# What a batch runner returns: results it could attribute, and chunks of the items it could not (to run again).
+BatchOutcome = tuple[list[RenderResult], list[list[tuple[str, str]]]]
 
 
 def require_tools(names: Sequence[str], debian_packages: str) -> None:
@@ -46,15 +46,17 @@ def bisect_batches(
 ) -> Iterator[RenderResult]:
     """Drive ``run_batch`` over ``items`` so that a bad item cannot sink its neighbours.
 
-    ``run_batch`` renders a list in one external call and returns what it could attribute plus the items left over
-    (e.g. everything after a fatal error), which are run again. A call that times out is split in halves until the
-    hanging item is alone; that one is rejected as ``timeout``. Results are yielded as soon as each call returns.
+    ``run_batch`` renders a list in one external call and returns what it could attribute plus chunks of items to
+    run again (e.g. everything after a fatal error, or suspects one by one). A call that times out is split in
+    halves until the hanging item is alone; that one is rejected as ``timeout``. Results are yielded as soon as each
+    call returns. Every item gets exactly one result: a call that makes no progress is retried item by item, and a
+    single item that still gets no result is a ``crash``.
     """
     stack: list[list[tuple[str, str]]] = [list(items)] if items else []
     while stack:
         chunk = stack.pop()
         try:
-            results, leftover = run_batch(chunk)
+            results, retry = run_batch(chunk)
         except subprocess.TimeoutExpired:
             if len(chunk) == 1:
                 yield RenderResult(chunk[0][0], reason="timeout", detail=f"the renderer ran over {timeout:.0f} s")
@@ -63,11 +65,12 @@ def bisect_batches(
                 stack += [chunk[half:], chunk[:half]]
             continue
         yield from results
-        if leftover:
-            if len(chunk) == 1:
-                detail = "the renderer gave no result for this item"
-                yield RenderResult(chunk[0][0], reason="crash", detail=detail)
-            elif len(leftover) == len(chunk):  # no progress at all: go item by item so this cannot loop
-                stack += [[it] for it in reversed(leftover)]
-            else:
-                stack.append(leftover)
+        retry = [sub for sub in retry if sub]
+        if not retry:
+            continue
+        if len(chunk) == 1:
+            yield RenderResult(chunk[0][0], reason="crash", detail="the renderer gave no result for this item")
+        elif not results and len(retry) == 1 and len(retry[0]) == len(chunk):  # no progress: go item by item
+            stack += [[it] for it in reversed(chunk)]
+        else:
+            stack += list(reversed(retry))
