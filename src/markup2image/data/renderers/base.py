@@ -101,12 +101,16 @@ def to_gray(image: np.ndarray) -> np.ndarray:
 
 
 def ink_box(image: np.ndarray, threshold: int = INK_THRESHOLD) -> tuple[int, int, int, int] | None:
-    """(top, left, bottom, right) half-open box of pixels darker than ``threshold``; None if there is no ink."""
-    gray = to_gray(image)
-    rows = np.flatnonzero((gray < threshold).any(axis=1))
+    """(top, left, bottom, right) half-open box of pixels with a channel below ``threshold``; None if no ink."""
+    arr = np.asarray(image)
+    darkest = arr if arr.ndim == 2 else arr[..., :3].min(axis=-1)  # colored ink (a yellow S) counts as ink
+    if arr.ndim == 3 and arr.shape[-1] == 4:
+        darkest = np.where(arr[..., 3] > 0, darkest, 255)
+    ink = darkest < threshold
+    rows = np.flatnonzero(ink.any(axis=1))
     if rows.size == 0:
         return None
-    cols = np.flatnonzero((gray < threshold).any(axis=0))
+    cols = np.flatnonzero(ink.any(axis=0))
     return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
 
 
