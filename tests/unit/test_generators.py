@@ -64,3 +64,58 @@ def test_formulas_are_im2latex_tokenized_and_varied() -> None:
 def test_unknown_domain_names_the_known_ones() -> None:
     with pytest.raises(ValueError, match="math"):
         synthetic_splits("poetry", 0, SIZES)
+
+
+@pytest.mark.parametrize("domain", ["tables", "music", "molecules"])
+def test_other_domains_are_deterministic_with_stable_ids(domain: str) -> None:
+    sizes = {"train": 40, "val": 5, "test": 5}
+    a = synthetic_splits(domain, 1, sizes)
+    assert a == synthetic_splits(domain, 1, sizes)
+    rows = [r for split in a.values() for r in split]
+    assert len({r["id"] for r in rows}) == len({r["markup"] for r in rows}) == 50
+    assert all(r["id"] == markup_id(domain, r["markup"]) for r in rows)
+
+
+def test_tables_are_balanced_html_with_spans_headers_and_styles() -> None:
+    from markup2image.data.renderers.tables_weasyprint import check_html
+
+    rows = synthetic_splits("tables", 0, {"train": 300, "val": 0, "test": 0})["train"]
+    text = " ".join(r["markup"] for r in rows)
+    for needed in ("<th>", "colspan=", "rowspan=", "<b>", "<i>", 'border="1"', "cellpadding="):
+        assert needed in text, needed
+    for r in rows:
+        check_html(r["markup"])  # raises on unbalanced tags
+        assert r["markup"].startswith("<table") and r["markup"].endswith("</table>")
+
+
+def test_music_bars_fill_their_time_signature() -> None:
+    from markup2image.data.generators.music import DURATIONS
+
+    rows = synthetic_splits("music", 0, {"train": 200, "val": 0, "test": 0})["train"]
+    tokens = Counter(t for r in rows for t in r["markup"].split())
+    assert tokens["~"] > 0 and tokens["\\key"] > 0 and any(t.startswith("r") for t in tokens)
+    assert any("is" in t for t in tokens) and any(t.endswith("(") for t in tokens)
+    for r in rows:
+        toks = r["markup"].split()
+        assert toks[:3] == ["\\relative", "c''", "{"] and toks[-1] == "}"
+        num, den = map(int, toks[toks.index("\\time") + 1].split("/"))
+        body = " ".join(toks[toks.index("\\time") + 2 : -1]).replace('\\bar "|."', "|")
+        duration = "4"
+        for bar in body.split("|")[:-1]:
+            total = 0
+            for tok in bar.split():
+                if tok == "~":
+                    continue
+                m = re.fullmatch(r"([a-gr](?:is|es|s)?[',]*)(\d+\.?)?[()]?", tok)
+                assert m, f"unexpected token {tok!r} in {r['markup']!r}"
+                duration = m.group(2) or duration
+                total += DURATIONS[duration]
+            assert total == 16 * num // den, f"bar {bar!r} of {r['markup']!r}"
+
+
+def test_molecules_are_valid_smiles() -> None:
+    from rdkit import Chem, RDLogger
+
+    RDLogger.DisableLog("rdApp.*")
+    rows = synthetic_splits("molecules", 0, {"train": 50, "val": 0, "test": 0})["train"]
+    assert all(Chem.MolFromSmiles(r["markup"]) is not None for r in rows)

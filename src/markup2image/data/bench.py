@@ -1,0 +1,61 @@
+"""Render throughput benchmark: items per second for ONE worker, as JSON-able data.
+
+``bench_render(domain, engine, num_items, params)`` draws ``num_items`` synthetic items (``params.data.seed``),
+renders them in batches of ``params.render.batch_size`` in this process (the work one render worker does) and
+reports the rate, the reject counts and the engine's one-off start-up separately. Multiply by
+``params.render.workers`` for a machine estimate when the cores are free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import time
+from collections import Counter
+
+from markup2image.config import Params
+from markup2image.data.generators import synthetic_splits
+from markup2image.data.renderers import get_engine, render_batch
+
+
+def bench_render(domain: str, engine: str | None, num_items: int, params: Params) -> dict:
+    """Render ``num_items`` synthetic ``domain`` items with ``engine`` (None: the configured one); return figures."""
+    cfg = params.domain_config(domain)
+    if engine:
+        cfg = dataclasses.replace(cfg, engine=engine)
+    items = synthetic_splits(domain, params.data.seed, {"train": num_items, "val": 0, "test": 0})["train"]
+    pairs = [(row["id"], row["markup"]) for row in items]
+
+    start = time.perf_counter()
+    get_engine(domain, cfg.engine)  # import + set-up, reported apart from the rate
+    startup = time.perf_counter() - start
+
+    batch = params.render.batch_size
+    reasons: Counter[str] = Counter()
+    start = time.perf_counter()
+    cpu_start = time.process_time()
+    for i in range(0, len(pairs), batch):
+        for result in render_batch(domain, pairs[i : i + batch], cfg, params.render.timeout):
+            reasons[result.reason or "rendered"] += 1
+    seconds = time.perf_counter() - start
+    rendered = reasons.pop("rendered", 0)
+    return {
+        "benchmark": "render",
+        "domain": domain,
+        "engine": cfg.engine,
+        "num_items": len(pairs),
+        "batch_size": batch,
+        "seconds": round(seconds, 3),
+        "items_per_s_per_worker": round(len(pairs) / seconds, 2) if seconds > 0 else None,
+        "ms_per_item": round(1000 * seconds / max(len(pairs), 1), 2),
+        "parent_cpu_s": round(time.process_time() - cpu_start, 3),  # excludes latex/lilypond child processes
+        "startup_s": round(startup, 3),
+        "rendered": rendered,
+        "rejected": sum(reasons.values()),
+        "reasons": dict(sorted(reasons.items())),
+        "shape": [cfg.height, cfg.width, cfg.channels],
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+    }
