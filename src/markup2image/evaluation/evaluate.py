@@ -87,7 +87,7 @@ def evaluate(params: Params, domain: str, model_dir: Path, rendered_dir: Path, o
     }
     write_json(out_dir / "metrics.json", metrics)
     write_json(out_dir / "scores.json", scores | {"run": run})
-    write_json(out_dir / "per_image.json", {"per_image": scores["per_image"]})
+    write_json(out_dir / "per_image.json", scores["per_image"])  # a list of records: what `dvc plots` reads
     save_comparison_grid(golds, preds, out_dir / "grid.png", titles=names, max_items=cfg.grid_rows)
     log.info("evaluated %d %s items: DTW %.2f (blank %.2f)", len(items), domain, metrics["dtw"], metrics["blank_dtw"])
     return metrics
