@@ -236,3 +236,15 @@ def test_render_corpus_counts_add_up_per_domain(tmp_path: Path, domain: str) -> 
     assert report["total"] == 3 == report["rendered"] + report["rejected"]
     assert report["rendered"] == 1
     assert (tmp_path / "out" / "images" / f"{rows[0][0]}.png").exists()
+
+
+def test_render_stage_fails_early_with_one_line_when_the_tool_is_missing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for split in ("train", "val", "test"):
+        write_jsonl(tmp_path / "raw" / f"{split}.jsonl", [{"id": f"{split}1", "markup": "x"}])
+    hide_tools(monkeypatch, tmp_path)
+    params = dataclasses.replace(PARAMS, domain={**PARAMS.domain, "math": LATEX})
+    with pytest.raises(RuntimeError, match=r"apt-get install texlive-latex-base dvipng.*mathtext"):
+        render_corpus("math", params, tmp_path / "raw", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "images").exists() or not any((tmp_path / "out" / "images").iterdir())

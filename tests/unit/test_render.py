@@ -210,3 +210,9 @@ def test_a_hanging_or_dying_renderer_costs_only_its_item(tmp_path: Path, flaky: 
 
 def test_render_result_ok_flag() -> None:
     assert RenderResult("x", image=np.zeros((1, 1), np.uint8)).ok and not RenderResult("y", reason="empty").ok
+
+
+def test_watchdog_gives_self_timed_engines_room_to_bisect() -> None:
+    # a latex batch of 64 may time out once per halving before the hanging formula is alone
+    assert render_mod.watchdog_limit("latex", 60, 64) >= 60 * 7
+    assert render_mod.watchdog_limit("mathtext", 60, 64) < 120

@@ -11,7 +11,8 @@ Layout written under ``out_dir``::
 
 Items are rendered in batches of ``params.render.batch_size`` by ``params.render.workers`` long-lived child
 processes (``workers=1`` runs inline). A watchdog gives each batch ``params.render.timeout`` (plus slack) between two
-results; a worker that hangs or dies is killed, the item it was on is rejected (``timeout`` / ``crash``) and the
+results (more for engines that time their own tool calls, see :func:`watchdog_limit`); a worker that hangs or dies
+is killed, the item it was on is rejected (``timeout`` / ``crash``) and the
 rest of its batch goes back to the queue, so a bad item costs only itself.
 
 Resume: a killed run leaves images (written atomically) and the journal. A rerun trusts an item only if the
@@ -27,6 +28,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import multiprocessing as mp
 import signal
 import threading
@@ -43,7 +45,14 @@ import numpy as np
 from tqdm import tqdm
 
 from markup2image.config import DomainConfig, Params
-from markup2image.data.renderers import REJECT_REASONS, RenderError, iter_render_batch, place_top_left
+from markup2image.data.renderers import (
+    REJECT_REASONS,
+    SELF_TIMED_ENGINES,
+    RenderError,
+    check_engine,
+    iter_render_batch,
+    place_top_left,
+)
 from markup2image.io import load_image, read_jsonl, save_png, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -61,6 +70,19 @@ WATCHDOG_SLACK_S = 10.0
 Item = tuple[str, str, str]
 # ("ok", id, gold: bool) | ("reject", id, reason, detail) | ("done",)
 Message = tuple[Any, ...]
+
+
+def watchdog_limit(engine: str, timeout: float, batch_size: int) -> float:
+    """Seconds the watchdog waits between two results of one batch before it kills the worker.
+
+    In-process engines report item by item, so one item's ``timeout`` (plus slack) is enough. Engines that time
+    their own external calls (``SELF_TIMED_ENGINES``) may legitimately go quiet while they bisect a hanging batch:
+    up to one ``timeout`` per halving, so the watchdog is only a backstop there.
+    """
+    if engine in SELF_TIMED_ENGINES:
+        halvings = math.ceil(math.log2(max(batch_size, 2)))
+        return timeout * (2 * halvings + 2) + WATCHDOG_SLACK_S
+    return timeout * WATCHDOG_FACTOR + WATCHDOG_SLACK_S
 
 
 def markup_hash(markup: str) -> str:
@@ -216,9 +238,12 @@ def _run_inline(job: _Job, queue: deque[_Batch], limit: float) -> Iterator[Messa
             yield msg
 
 
-def _run_pool(job: _Job, queue: deque[_Batch], workers: int, limit: float) -> Iterator[Message]:
+def _start_pool(job: _Job, workers: int) -> tuple[Any, list[_Worker]]:
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    pool = [_Worker(ctx, job) for _ in range(min(workers, len(queue)))]
+    return ctx, [_Worker(ctx, job) for _ in range(workers)]
+
+
+def _run_pool(job: _Job, queue: deque[_Batch], ctx: Any, pool: list[_Worker], limit: float) -> Iterator[Message]:
     try:
         while queue or any(w.batch for w in pool):
             for i, w in enumerate(pool):
@@ -248,7 +273,7 @@ def _run_pool(job: _Job, queue: deque[_Batch], workers: int, limit: float) -> It
                         failed = _failed_batch(w.batch, "crash", detail, queue) if w.batch.unreported() else None
                 elif time.monotonic() > w.deadline:
                     detail = f"no result within {limit:.0f} s; the renderer hung and was killed"
-                    failed = _failed_batch(w.batch, "timeout", detail, queue)
+                    failed = _failed_batch(w.batch, "timeout", detail, queue) if w.batch.unreported() else None
                 else:
                     continue
                 w.kill()
@@ -364,6 +389,13 @@ def render_corpus(domain: str, params: Params, in_dir: Path, out_dir: Path, prog
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     cfg = params.domain_config(domain)
     rcfg = params.render
+    try:
+        check_engine(domain, cfg)
+    except RenderError as exc:
+        raise RuntimeError(
+            f"render {domain}: engine {cfg.engine!r} cannot run here: {exc.detail}"
+            + (" (or set domain.math.engine: mathtext, which needs no system packages)" if domain == "math" else "")
+        ) from exc
     splits = _read_splits(domain, in_dir)
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -384,11 +416,15 @@ def render_corpus(domain: str, params: Params, in_dir: Path, out_dir: Path, prog
 
     queue = deque(_Batch(pending[i : i + rcfg.batch_size]) for i in range(0, len(pending), rcfg.batch_size))
     job = _Job(domain, cfg, rcfg.timeout, images_dir)
-    limit = rcfg.timeout * WATCHDOG_FACTOR + WATCHDOG_SLACK_S
+    limit = watchdog_limit(cfg.engine, rcfg.timeout, rcfg.batch_size)
     markups = {it[0]: it[1] for it in pending}
     start = time.monotonic()
     this_run: Counter[str] = Counter()
-    messages = _run_inline(job, queue, limit) if rcfg.workers <= 1 else _run_pool(job, queue, rcfg.workers, limit)
+    if rcfg.workers <= 1:
+        messages = _run_inline(job, queue, limit)
+    else:  # workers start before the progress bar's monitor thread, so nothing forks a threaded process
+        ctx, pool = _start_pool(job, min(rcfg.workers, len(queue)))
+        messages = _run_pool(job, queue, ctx, pool, limit)
     with (
         (out_dir / JOURNAL).open("a") as journal,
         tqdm(total=len(pending), disable=not progress, desc=f"render {domain}", unit="item") as bar,

@@ -28,7 +28,9 @@ __all__ = [
     "ENGINES",
     "MARGIN",
     "REJECT_REASONS",
+    "SELF_TIMED_ENGINES",
     "Engine",
+    "check_engine",
     "RenderError",
     "RenderResult",
     "get_engine",
@@ -48,6 +50,10 @@ ENGINES: dict[str, tuple[str, str, str]] = {
     "rdkit": ("markup2image.data.renderers.molecules_rdkit", "RdkitEngine", "molecules"),
 }
 
+# Engines whose every external call runs under ``timeout`` (and bisects a batch that runs over), so a batch can go
+# quiet for several timeouts without hanging; the render driver's watchdog gives them more room.
+SELF_TIMED_ENGINES = frozenset({"latex", "lilypond"})
+
 _instances: dict[str, Engine] = {}
 
 
@@ -65,6 +71,17 @@ def get_engine(domain: str, engine: str) -> Engine:
             raise RenderError("renderer_missing", f"engine {engine!r} is not available here ({exc})") from exc
         _instances[engine] = getattr(mod, cls)()
     return _instances[engine]
+
+
+def check_engine(domain: str, cfg: DomainConfig) -> None:
+    """Fail early, with one line naming what to install, if ``cfg.engine`` cannot run here.
+
+    Raises ``RenderError("renderer_missing")`` (a tool or package is missing) or ``ValueError`` (a bad engine name).
+    """
+    engine = get_engine(domain, cfg.engine)
+    check = getattr(engine, "check_available", None)
+    if check is not None:
+        check()
 
 
 def render_markup(domain: str, markup: str, cfg: DomainConfig) -> np.ndarray:

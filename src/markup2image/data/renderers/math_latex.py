@@ -72,6 +72,10 @@ class LatexEngine:
             raise RenderError(result.reason or "crash", result.detail)  # type: ignore[arg-type]
         return result.image
 
+    def check_available(self) -> None:
+        """Raise ``RenderError("renderer_missing")`` naming the Debian packages if the tools are not installed."""
+        require_tools(["latex", "dvipng"], DEBIAN_PACKAGES)
+
     def iter_batch(
         self, items: Sequence[tuple[str, str]], cfg: DomainConfig, timeout: float
     ) -> Iterator[RenderResult]:

@@ -80,6 +80,10 @@ class LilypondEngine:
             raise RenderError(result.reason or "crash", result.detail)  # type: ignore[arg-type]
         return result.image
 
+    def check_available(self) -> None:
+        """Raise ``RenderError("renderer_missing")`` naming the Debian packages if the tools are not installed."""
+        require_tools(["lilypond"], DEBIAN_PACKAGES)
+
     def iter_batch(
         self, items: Sequence[tuple[str, str]], cfg: DomainConfig, timeout: float
     ) -> Iterator[RenderResult]:
