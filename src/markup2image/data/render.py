@@ -427,7 +427,7 @@ def render_corpus(domain: str, params: Params, in_dir: Path, out_dir: Path, prog
         messages = _run_pool(job, queue, ctx, pool, limit)
     with (
         (out_dir / JOURNAL).open("a") as journal,
-        tqdm(total=len(pending), disable=not progress, desc=f"render {domain}", unit="item") as bar,
+        tqdm(total=len(pending), disable=not progress, desc=f"render {domain}", unit="item", mininterval=1.0) as bar,
     ):
         for msg in messages:
             item_id = msg[1]
