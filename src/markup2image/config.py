@@ -159,6 +159,11 @@ class ExportConfig:
     parity_atol: float = 1e-4
     parity_steps: int = 4
     tensorrt: bool = True
+    # torch.onnx exporter: "dynamo" (torch.export; the one that keeps nn.MultiheadAttention shapes dynamic) or
+    # "torchscript" (legacy, deprecated; fast, but bakes the markup encoder's attention shapes in).
+    exporter: Literal["dynamo", "torchscript"] = "dynamo"
+    trt_batch_sizes: tuple[int, ...] = (1, 8, 16)  # TensorRT profile over batch: min, opt, max
+    trt_precision: Literal["fp16", "fp32"] = "fp16"  # fp16 lives in the ONNX graph (TensorRT 11 is strongly typed)
 
 
 @dataclass(frozen=True)
