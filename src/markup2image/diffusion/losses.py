@@ -1,0 +1,84 @@
+"""The loss terms of the objectives (design §4-5), as pure functions of tensors.
+
+* :func:`simple_loss`: ``L_simple = ||eps - eps_theta||^2`` averaged over pixels, per item.
+* :func:`fine_grained_alignment_loss`: FSA-CDM's ``L_fa`` over the valid markup tokens.
+* :func:`negative_elbo_penalty`: the EUBO-side term ``mean_k exp(-2 L_simple(negative_k))`` of eq. 10.
+* :func:`info_nce_loss`: InfoNCE of an anchor against one positive and K (maskable) negatives.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def simple_loss(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """``L_simple = ||eps - eps_theta||^2`` averaged over pixels: ``[B, C, H, W]`` -> ``[B]``."""
+    return F.mse_loss(eps_pred.float(), eps.float(), reduction="none").flatten(1).mean(1)
+
+
+def fine_grained_alignment_loss(c: torch.Tensor, t: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``L_fa`` of FSA-CDM, averaged over items.
+
+    Per item with ``n`` valid tokens:
+    ``L_fa = 1/n sum_i [ 1 - cos(c_i, t_i) + 1/(n-1) sum_{j != i} cos(c_i, t_j) ]``, sums over valid ``i, j`` only.
+    With ``n = 1`` the second sum is empty and counts as 0.
+
+    Args:
+        c: aligned features ``CAM(q=t, k=vs, v=vs)``, ``[B, N, D]``.
+        t: markup features, ``[B, N, D]``.
+        attention_mask: ``[B, N]``, 1 for real tokens, 0 for padding.
+    """
+    sim = F.normalize(c.float(), dim=-1) @ F.normalize(t.float(), dim=-1).transpose(1, 2)  # (B, N, N) cos(c_i, t_j)
+    valid = attention_mask.to(sim.dtype)  # (B, N)
+    n = valid.sum(1)  # (B,)
+    own = sim.diagonal(dim1=1, dim2=2)  # (B, N) cos(c_i, t_i)
+    others = (sim * valid[:, None, :]).sum(-1) - own * valid  # (B, N) sum over valid j != i
+    per_token = 1.0 - own + others / (n - 1).clamp(min=1)[:, None]
+    per_item = (per_token * valid).sum(1) / n.clamp(min=1)
+    return per_item.mean()
+
+
+def _mean_over_items_with_negatives(per_item: torch.Tensor, negative_mask: torch.Tensor) -> torch.Tensor:
+    has = negative_mask.any(1).to(per_item.dtype)  # (B,)
+    return (per_item * has).sum() / has.sum().clamp(min=1)
+
+
+def negative_elbo_penalty(negative_simple: torch.Tensor, negative_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``mean_b mean_k exp(-2 L_simple(negative_bk))`` over valid negatives (the ``lambda e^{2 L_elbo}`` term).
+
+    ``negative_simple [B, K]`` (``L_simple`` of each negative), ``negative_mask [B, K]`` bool (True = a real
+    negative). Items without any valid negative are left out of the mean over items.
+    """
+    if negative_mask is None:
+        negative_mask = torch.ones_like(negative_simple, dtype=torch.bool)
+    weight = negative_mask.to(negative_simple.dtype)
+    per_item = (torch.exp(-2.0 * negative_simple) * weight).sum(1) / weight.sum(1).clamp(min=1)
+    return _mean_over_items_with_negatives(per_item, negative_mask)
+
+
+def info_nce_loss(
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    negatives: torch.Tensor,
+    tau: float,
+    negative_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """InfoNCE ``-log( e^{a.p/tau} / (e^{a.p/tau} + sum_k e^{a.n_k/tau}) )`` of L2-normalised vectors.
+
+    Args:
+        anchor, positive: ``[B, P]``; negatives: ``[B, K, P]`` (normalised here).
+        tau: temperature.
+        negative_mask: ``[B, K]`` bool, True = a real negative; masked ones drop out of the denominator. Items
+            without any valid negative are left out of the mean over items.
+    """
+    a = F.normalize(anchor.float(), dim=-1)
+    p = F.normalize(positive.float(), dim=-1)
+    n = F.normalize(negatives.float(), dim=-1)
+    pos = (a * p).sum(-1, keepdim=True) / tau  # (B, 1)
+    neg = torch.einsum("bp,bkp->bk", a, n) / tau  # (B, K)
+    if negative_mask is None:
+        negative_mask = torch.ones(neg.shape, dtype=torch.bool, device=neg.device)
+    neg = neg.masked_fill(~negative_mask, float("-inf"))
+    per_item = -torch.log_softmax(torch.cat([pos, neg], dim=1), dim=1)[:, 0]  # (B,)
+    return _mean_over_items_with_negatives(per_item, negative_mask)

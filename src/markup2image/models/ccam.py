@@ -1,0 +1,95 @@
+"""CCAM: context-aware cross attention (FSA-CDM, design §4).
+
+CCAM replaces the cross-attention (``attn2``) of a U-Net transformer block. Its input ``v [B, HW, C]`` is the
+normalised image feature after self-attention; ``t [B, N, D]`` are the markup tokens with their padding mask.
+Two branches run in parallel:
+
+* ChA = MHA(q=v, k=t, v=t) with the text mask: the block's own cross-attention projections (``attn.to_q`` ...);
+* CoA: a relation between image positions ``R = softmax((v W_a)(v W_b)^T / sqrt(r))`` with low-rank ``W_a, W_b``
+  (rank ``r``), context queries ``Q = Psi(R v W_c)``, a memory ``M = [v ; t W_t]`` of ``HW + N`` tokens,
+  ``K = M W_k``, ``V = M W_v`` and CoA = MHA(Q, K, V) with the padded text keys masked.
+
+Output = ``W_f [ChA ; CoA]``, a linear fusion. ``R v W_c`` is one ``scaled_dot_product_attention`` call (query and
+key dim ``r``, value dim ``C``), so ``R [HW, HW]`` is never built by this code (fused kernels never build it at all)
+and the module exports to ONNX: no data-dependent Python control flow, the memory mask is the text bias padded with
+zeros for the image keys.
+
+Interpretations (the paper gives no code): ``Psi`` is a learned linear map; the relation is single-head; learned
+positions (``model.position_embeddings``) enter both branches exactly as in a plain cross-attention block.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from markup2image.models.position import PositionalAttnProcessor, attention_bias, multi_head_attention
+
+
+class ContextAwareCrossAttention(PositionalAttnProcessor):
+    """A diffusers attention processor that turns the ``Attention`` it is set on into a CCAM.
+
+    Args:
+        channels: image feature size ``C`` (the attention's query dim).
+        text_dim: markup feature size ``D``.
+        rank: rank ``r`` of ``W_a, W_b`` (clamped to ``C``).
+        height / width / text_length: position tables as in :class:`PositionalAttnProcessor` (0 = none).
+    """
+
+    def __init__(
+        self,
+        *,
+        channels: int,
+        text_dim: int,
+        rank: int,
+        height: int = 0,
+        width: int = 0,
+        text_length: int = 0,
+    ) -> None:
+        super().__init__(height=height, width=width, channels=channels, text_length=text_length, text_dim=text_dim)
+        rank = max(1, min(rank, channels))
+        self.relation_a = nn.Linear(channels, rank, bias=False)  # W_a
+        self.relation_b = nn.Linear(channels, rank, bias=False)  # W_b
+        self.relation_value = nn.Linear(channels, channels, bias=False)  # W_c
+        self.psi = nn.Linear(channels, channels)  # Psi: context queries
+        self.text_to_memory = nn.Linear(text_dim, channels)  # W_t
+        self.memory_key = nn.Linear(channels, channels, bias=False)  # W_k
+        self.memory_value = nn.Linear(channels, channels, bias=False)  # W_v
+        self.context_out = nn.Linear(channels, channels)
+        self.fusion = nn.Linear(2 * channels, channels)  # W_f over [ChA ; CoA]
+
+    def channel_attention(self, attn: nn.Module, v: torch.Tensor, t: torch.Tensor, bias: torch.Tensor | None):
+        """ChA = MHA(q=v, k=t, v=t): ``[B, HW, C]``."""
+        out = multi_head_attention(attn.to_q(v), attn.to_k(t), attn.to_v(t), attn.heads, bias)
+        return attn.to_out[1](attn.to_out[0](out))
+
+    def context_attention(self, v: torch.Tensor, t: torch.Tensor, bias: torch.Tensor | None, heads: int):
+        """CoA = MHA(Psi(R v W_c), M W_k, M W_v) with ``M = [v ; t W_t]``: ``[B, HW, C]``."""
+        a = self.relation_a(v)[:, None]  # (B, 1, HW, r)
+        b = self.relation_b(v)[:, None]  # (B, 1, HW, r)
+        c = self.relation_value(v)[:, None]  # (B, 1, HW, C)
+        context = F.scaled_dot_product_attention(a, b, c).squeeze(1)  # R v W_c, (B, HW, C); scale 1/sqrt(r)
+        query = self.psi(context)
+        memory = torch.cat([v, self.text_to_memory(t)], dim=1)  # (B, HW + N, C)
+        memory_bias = None if bias is None else F.pad(bias, (v.shape[1], 0))  # image keys never masked
+        out = multi_head_attention(query, self.memory_key(memory), self.memory_value(memory), heads, memory_bias)
+        return self.context_out(out)
+
+    def forward(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """``hidden_states [B, HW, C]``, ``encoder_hidden_states [B, N, D]``, mask -> ``[B, HW, C]``."""
+        if encoder_hidden_states is None:
+            raise ValueError("ContextAwareCrossAttention replaces a cross-attention; it needs encoder_hidden_states")
+        v, t = self.add_positions(hidden_states, encoder_hidden_states)
+        bias = attention_bias(attention_mask, v.dtype)
+        cha = self.channel_attention(attn, v, t, bias)
+        coa = self.context_attention(v, t, bias, attn.heads)
+        return self.fusion(torch.cat([cha, coa], dim=-1))

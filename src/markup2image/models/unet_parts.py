@@ -1,0 +1,127 @@
+"""The U-Net: diffusers ``UNet2DConditionModel`` plus this project's attention processors (design §4).
+
+:func:`build_unet` builds the U-Net and gives every attention a :class:`PositionalAttnProcessor` (learned
+positions when ``model.position_embeddings``; masked SDPA always) and, when ``model.ccam``, turns the
+``model.ccam_blocks`` cross-attentions at the lowest resolutions into :class:`ContextAwareCrossAttention`.
+
+Resolutions are static: level ``l`` of an ``H x W`` image runs at ``ceil(H / 2^l) x ceil(W / 2^l)`` (diffusers'
+stride-2, padding-1 downsampling); up block ``j`` runs at level ``L - 1 - j``; the mid block at level ``L - 1``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention import BasicTransformerBlock
+
+from markup2image.config import DomainConfig, ModelConfig
+from markup2image.models.ccam import ContextAwareCrossAttention
+from markup2image.models.position import PositionalAttnProcessor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TransformerSite:
+    """One transformer block of the U-Net and the feature map it runs on."""
+
+    name: str  # e.g. "down_blocks.2.attentions.1.transformer_blocks.0"
+    block: BasicTransformerBlock
+    level: int  # 0 = full resolution
+    height: int
+    width: int
+    channels: int
+    order: int  # position in the forward pass (down, mid, up)
+
+
+def level_size(image: DomainConfig, level: int) -> tuple[int, int]:
+    """Feature-map size at U-Net level ``level``."""
+    h, w = image.height, image.width
+    for _ in range(level):
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    return h, w
+
+
+def transformer_sites(unet: UNet2DConditionModel, image: DomainConfig) -> list[TransformerSite]:
+    """Every ``BasicTransformerBlock`` of ``unet`` in forward order, with its level and feature-map size."""
+    num_levels = len(unet.down_blocks)
+    groups = [(f"down_blocks.{i}", b, i) for i, b in enumerate(unet.down_blocks)]
+    groups.append(("mid_block", unet.mid_block, num_levels - 1))
+    groups += [(f"up_blocks.{j}", b, num_levels - 1 - j) for j, b in enumerate(unet.up_blocks)]
+    sites: list[TransformerSite] = []
+    for prefix, group, level in groups:
+        for a, transformer in enumerate(getattr(group, "attentions", None) or []):
+            for k, block in enumerate(transformer.transformer_blocks):
+                h, w = level_size(image, level)
+                channels = block.attn1.to_q.in_features
+                name = f"{prefix}.attentions.{a}.transformer_blocks.{k}"
+                sites.append(TransformerSite(name, block, level, h, w, channels, len(sites)))
+    return sites
+
+
+def ccam_sites(sites: list[TransformerSite], count: int) -> list[TransformerSite]:
+    """The ``count`` cross-attention sites at the lowest resolutions (deepest level first, then forward order)."""
+    cross = [s for s in sites if s.block.attn2 is not None]
+    if count > len(cross):
+        log.info("model.ccam_blocks=%d but the U-Net has %d cross-attention blocks; using all", count, len(cross))
+    return sorted(cross, key=lambda s: (-s.level, s.order))[: max(count, 0)]
+
+
+def _check_attention(site: TransformerSite) -> None:
+    for attn in (site.block.attn1, site.block.attn2):
+        if attn is None:
+            continue
+        unsupported = attn.group_norm is not None or attn.spatial_norm is not None or attn.norm_cross
+        if unsupported or attn.residual_connection or attn.rescale_output_factor != 1.0 or attn.norm_q is not None:
+            raise ValueError(f"{site.name}: attention options not supported by PositionalAttnProcessor")
+
+
+def install_attention_processors(unet: UNet2DConditionModel, cfg: ModelConfig, image: DomainConfig) -> None:
+    """Set this project's processor on every attention of ``unet`` (in place)."""
+    sites = transformer_sites(unet, image)
+    ccam = {s.name for s in ccam_sites(sites, cfg.ccam_blocks)} if cfg.ccam else set()
+    if cfg.ccam and cfg.ccam_blocks < 1:
+        raise ValueError("model.ccam_blocks: must be at least 1 when model.ccam is true")
+    for site in sites:
+        _check_attention(site)
+        pos = dict(height=site.height, width=site.width) if cfg.position_embeddings else {}
+        text = dict(text_length=cfg.max_text_length) if cfg.position_embeddings else {}
+        site.block.attn1.set_processor(PositionalAttnProcessor(channels=site.channels, **pos))
+        if site.block.attn2 is None:
+            continue
+        if site.name in ccam:
+            proc = ContextAwareCrossAttention(
+                channels=site.channels, text_dim=cfg.encoder_dim, rank=cfg.ccam_rank, **pos, **text
+            )
+        else:
+            proc = PositionalAttnProcessor(channels=site.channels, text_dim=cfg.encoder_dim, **pos, **text)
+        site.block.attn2.set_processor(proc)
+
+
+def build_unet(cfg: ModelConfig, image: DomainConfig) -> UNet2DConditionModel:
+    """The diffusers U-Net; cross-attention only at levels where ``cfg.cross_attention_levels`` is true.
+
+    ``cfg.attention_head_dim`` is diffusers' (misnamed) head *count*, as in SS-DM (8 heads).
+    """
+    levels = cfg.cross_attention_levels
+    if len(levels) != len(cfg.block_out_channels):
+        raise ValueError("model.cross_attention_levels: needs one entry per model.block_out_channels level")
+    down = tuple("CrossAttnDownBlock2D" if c else "DownBlock2D" for c in levels)
+    up = tuple("CrossAttnUpBlock2D" if c else "UpBlock2D" for c in reversed(levels))
+    unet = UNet2DConditionModel(
+        sample_size=(image.height, image.width),
+        in_channels=image.channels,
+        out_channels=image.channels,
+        down_block_types=down,
+        up_block_types=up,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        attention_head_dim=cfg.attention_head_dim,
+        norm_num_groups=cfg.norm_num_groups,
+        cross_attention_dim=cfg.encoder_dim,
+    )
+    install_attention_processors(unet, cfg, image)
+    return unet
