@@ -1,0 +1,332 @@
+"""The U-Net, its attention processors (positions, masks, CCAM), FSA, ablation switches, counts and export."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+
+from markup2image.config import DomainConfig, ModelConfig, Params
+from markup2image.diffusion.sampling import sample_images
+from markup2image.models.ccam import ContextAwareCrossAttention
+from markup2image.models.fsa import FineGrainedSequenceAlignment
+from markup2image.models.model import MarkupToImageModel, load_model
+from markup2image.models.position import PositionalAttnProcessor
+from markup2image.models.summary import count_parameters, parameter_summary, sized_model_config, with_switches
+from markup2image.models.unet_parts import ccam_sites, level_size, transformer_sites
+
+IMAGE = DomainConfig(height=8, width=16, channels=1)
+TINY = ModelConfig(
+    block_out_channels=(8, 16),
+    cross_attention_levels=(True, True),
+    layers_per_block=1,
+    attention_head_dim=2,
+    norm_num_groups=4,
+    encoder_dim=16,
+    encoder_layers=1,
+    encoder_heads=2,
+    max_text_length=12,
+    ccam_blocks=2,
+    ccam_rank=4,
+    fsa_channels=(4, 8),
+    fsa_hidden=8,
+    contrastive_dim=8,
+)
+
+
+def _model(**switches) -> MarkupToImageModel:
+    torch.manual_seed(0)
+    return MarkupToImageModel(model_cfg=dataclasses.replace(TINY, **switches), image=IMAGE, vocab_size=30).eval()
+
+
+def _inputs(b: int = 3, n: int = 6, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(b, n, dtype=torch.long)
+    mask[0, n - 2 :] = 0
+    x = torch.randn(b, 1, IMAGE.height, IMAGE.width, generator=g)
+    t = torch.randint(0, 1000, (b,), generator=g)
+    hidden = torch.randn(b, n, TINY.encoder_dim, generator=g)
+    return x, t, hidden, mask
+
+
+def _n(module) -> int:
+    return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+
+# -- attention processors -----------------------------------------------------------------------------------------
+
+
+def test_every_attention_block_has_positions():
+    model = _model(ccam=True)
+    attns = [(n, m) for n, m in model.unet.named_modules() if isinstance(m, Attention)]
+    assert len(attns) == 2 * len(transformer_sites(model.unet, IMAGE)) > 0
+    for name, attn in attns:
+        proc = attn.processor
+        assert isinstance(proc, PositionalAttnProcessor), name
+        assert proc.image_pos is not None, name
+        assert (proc.text_pos is not None) == attn.is_cross_attention, name
+    # and each one is live: perturbing one block's row table (or text table) changes eps
+    x, t, hidden, mask = _inputs()
+    with torch.no_grad():
+        base = model.denoise(x, t, hidden, mask)
+        for _, attn in attns:
+            table = attn.processor.text_pos.weight if attn.is_cross_attention else attn.processor.image_pos.row
+            table.add_(0.5)
+            assert not torch.allclose(model.denoise(x, t, hidden, mask), base, atol=1e-6)
+            table.sub_(0.5)
+
+
+def test_position_switch_removes_every_table():
+    on, off = _model(), _model(position_embeddings=False)
+    assert count_parameters(off)["position_embeddings"] == 0
+    expected = sum(
+        s.height * s.channels + s.width * s.channels + (TINY.max_text_length * TINY.encoder_dim)
+        for s in transformer_sites(on.unet, IMAGE)
+    )  # row + col per self- and cross-attention, text table per cross-attention
+    expected += sum(s.height * s.channels + s.width * s.channels for s in transformer_sites(on.unet, IMAGE))
+    assert count_parameters(on)["position_embeddings"] == expected
+    assert _n(on) - _n(off) == expected
+
+
+def test_level_sizes_match_the_unet():
+    model = _model()
+    sizes = {}
+    hooks = [
+        s.block.register_forward_pre_hook(lambda _m, a, s=s: sizes.__setitem__(s.name, a[0].shape[1]))
+        for s in transformer_sites(model.unet, IMAGE)
+    ]
+    x, t, hidden, mask = _inputs()
+    model.denoise(x, t, hidden, mask)
+    for h in hooks:
+        h.remove()
+    for s in transformer_sites(model.unet, IMAGE):
+        assert sizes[s.name] == s.height * s.width
+    assert level_size(DomainConfig(height=64, width=320), 5) == (2, 10)
+
+
+@pytest.mark.parametrize("ccam", [False, True])
+def test_padded_text_is_ignored(ccam):
+    """Changing the features of padded tokens leaves eps unchanged; changing a valid token does not."""
+    model = _model(ccam=ccam)
+    x, t, hidden, mask = _inputs()
+    other = hidden.clone()
+    other[0, -2:] = torch.randn(2, TINY.encoder_dim) * 10
+    with torch.no_grad():
+        a = model.denoise(x, t, hidden, mask)
+        b = model.denoise(x, t, other, mask)
+        assert torch.allclose(a, b, atol=1e-6)
+        other[0, 0] += 1.0
+        assert not torch.allclose(model.denoise(x, t, other, mask)[0], a[0], atol=1e-4)
+
+
+def test_mask_is_batch_major():
+    """Each item gives the same eps alone as inside a batch with differently padded neighbours."""
+    model = _model(ccam=True)
+    x, t, hidden, mask = _inputs(b=3)
+    mask[1, 3:] = 0
+    with torch.no_grad():
+        batched = model.denoise(x, t, hidden, mask)
+        for i in range(3):
+            n = int(mask[i].sum())
+            alone = model.denoise(x[i : i + 1], t[i : i + 1], hidden[i : i + 1, :n], mask[i : i + 1, :n])
+            assert torch.allclose(batched[i : i + 1], alone, atol=1e-5)
+
+
+def test_ccam_matches_a_materialised_reference():
+    torch.manual_seed(0)
+    c, d, heads, hw, n = 8, 6, 2, 5, 4
+    proc = ContextAwareCrossAttention(channels=c, text_dim=d, rank=3)
+    attn = Attention(query_dim=c, cross_attention_dim=d, heads=heads, dim_head=c // heads)
+    v, t = torch.randn(2, hw, c), torch.randn(2, n, d)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    out = proc(attn, v, t, attention_mask=mask)
+
+    def mha(q, k, val, keep):  # explicit softmax attention, padded keys dropped with -inf
+        q, k, val = (z.unflatten(-1, (heads, -1)).transpose(1, 2) for z in (q, k, val))
+        logits = q @ k.transpose(-1, -2) / (q.shape[-1] ** 0.5)
+        logits = logits.masked_fill(~keep[:, None, None, :], float("-inf"))
+        return (logits.softmax(-1) @ val).transpose(1, 2).flatten(2)
+
+    keep = mask.bool()
+    cha = attn.to_out[0](mha(attn.to_q(v), attn.to_k(t), attn.to_v(t), keep))
+    r = torch.softmax(proc.relation_a(v) @ proc.relation_b(v).transpose(1, 2) / 3**0.5, dim=-1)  # (B, HW, HW)
+    q = proc.psi(r @ proc.relation_value(v))
+    memory = torch.cat([v, proc.text_to_memory(t)], 1)
+    keep_mem = torch.cat([torch.ones(2, hw, dtype=torch.bool), keep], 1)
+    coa = proc.context_out(mha(q, proc.memory_key(memory), proc.memory_value(memory), keep_mem))
+    ref = proc.fusion(torch.cat([cha, coa], -1))
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_ccam_sits_at_the_lowest_resolutions():
+    cfg = sized_model_config(ModelConfig(ccam=True), "paper")
+    with torch.device("meta"):
+        model = MarkupToImageModel(model_cfg=cfg, image=DomainConfig(height=64, width=320), vocab_size=8)
+    sites = transformer_sites(model.unet, model.image)
+    chosen = ccam_sites(sites, 5)
+    assert len(chosen) == 5 and {s.level for s in chosen} == {5}
+    ccams = [n for n, m in model.unet.named_modules() if isinstance(m, ContextAwareCrossAttention)]
+    assert sorted(ccams) == sorted(f"{s.name}.attn2.processor" for s in chosen)
+    assert len([s for s in sites if s.block.attn2 is not None]) == 21  # 8 down + 1 mid + 12 up cross-attentions
+
+
+# -- FSA, heads, switches ---------------------------------------------------------------------------------------
+
+
+def test_fsa_image_encoder_maps_width_to_sequence():
+    fsa = FineGrainedSequenceAlignment(TINY, DomainConfig(height=16, width=40, channels=1))
+    vs = fsa.image_encoder(torch.randn(2, 1, 16, 40))
+    assert vs.shape == (2, 10, TINY.encoder_dim)  # two stride-2 stages: M = 40 / 4 tokens
+    t = torch.randn(2, 5, TINY.encoder_dim)
+    assert fsa.align(torch.randn(2, 1, 16, 40), t).shape == t.shape
+    loss = fsa(torch.randn(2, 1, 16, 40), t, torch.ones(2, 5))
+    assert loss.ndim == 0 and 0.0 <= loss.item() <= 3.0
+
+
+@pytest.mark.parametrize(
+    ("switch", "attribute", "group"),
+    [("fsa", "alignment", "fsa"), ("con_aug", "contrastive_head", "contrastive_head"), ("ccam", None, "ccam")],
+)
+def test_each_ablation_switch_adds_exactly_its_parameters(switch, attribute, group):
+    base, full = _model(), _model(**{switch: True})
+    added = _n(full) - _n(base)
+    assert added > 0
+    assert count_parameters(full)[group] == added and count_parameters(base)[group] == 0
+    if attribute:
+        assert getattr(base, attribute) is None and _n(getattr(full, attribute)) == added
+    else:
+        ccams = [m for m in full.unet.modules() if isinstance(m, ContextAwareCrossAttention)]
+        assert len(ccams) == 2 and not any(isinstance(m, ContextAwareCrossAttention) for m in base.unet.modules())
+
+
+def test_switched_off_parts_refuse_to_run():
+    model = _model()
+    x, t, _, mask = _inputs()
+    ids = torch.randint(1, 30, mask.shape)
+    with pytest.raises(ValueError, match="model.fsa"):
+        model(x, t, ids, mask, align_images=x)
+    with pytest.raises(ValueError, match="model.con_aug"):
+        model(x, t, ids, mask, return_mid=True)
+
+
+def test_mid_projection_is_normalised_and_text_index_shares_encodings():
+    model = _model(con_aug=True)
+    x, t, _, mask = _inputs()
+    ids = torch.randint(1, 30, mask.shape) * mask
+    with torch.no_grad():
+        out = model(
+            torch.cat([x, x]),
+            torch.cat([t, t]),
+            ids,
+            mask,
+            text_index=torch.tensor([0, 1, 2, 0, 1, 2]),
+            return_mid=True,
+        )
+        assert torch.allclose(out.mid_projection.norm(dim=-1), torch.ones(6), atol=1e-5)
+        assert torch.allclose(out.sample[:3], out.sample[3:], atol=1e-6)
+        assert torch.allclose(out.sample[:3], model(x, t, ids, mask), atol=1e-6)
+
+
+def test_summary_groups_add_up_and_paper_counts():
+    params = Params()
+    for size in ("tiny", "paper"):
+        for on in (False, True):
+            p = dataclasses.replace(params, model=with_switches(params.model, fsa=on, con_aug=on, ccam=on))
+            s = parameter_summary(p, "math", vocab_size=512, size=size)
+            parts = s["encoder"] + s["encoder_frozen"] + s["unet"]["total"] + s["position_embeddings"]
+            parts += s["ccam"] + s["fsa"] + s["contrastive_head"]
+            assert parts == s["total"]
+            assert s["unet"]["total"] == sum(v for k, v in s["unet"].items() if k != "total")
+    ss_dm = parameter_summary(params, "math", vocab_size=512, size="paper")
+    # SS-DM reports ~209M for U-Net + positions at D = 768 (the frozen GPT-Neo not counted)
+    assert 200e6 < ss_dm["unet_with_attention_extras"] < 215e6
+    assert ss_dm["unet"]["total"] == 190_892_545  # diffusers' U-Net at that config, positions excluded
+
+
+# -- persistence, sampling, export ------------------------------------------------------------------------------
+
+
+def test_save_load_round_trip_with_all_parts(tmp_path):
+    model = _model(fsa=True, con_aug=True, ccam=True)
+    model.save(tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert loaded.model_cfg == model.model_cfg
+    x, t, _, mask = _inputs()
+    ids = torch.randint(1, 30, mask.shape) * mask
+    with torch.no_grad():
+        assert torch.equal(model(x, t, ids, mask), loaded(x, t, ids, mask))
+
+
+def test_sampling_runs_without_the_training_parts():
+    model = _model(fsa=True, con_aug=True, ccam=True)
+    ids = torch.randint(1, 30, (2, 5))
+    calls = []
+    model.alignment.register_forward_pre_hook(lambda *_: calls.append(1))
+    out = sample_images(
+        model, ids, torch.ones_like(ids), sampler="ddim", steps=3, seed=0, diffusion=Params().diffusion
+    )
+    assert out.shape == (2, 1, IMAGE.height, IMAGE.width) and calls == []
+
+
+class _Denoise(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, sample, timestep, hidden, mask):
+        return self.model.denoise(sample, timestep, hidden, mask)
+
+
+def test_unet_with_ccam_exports_to_onnx(tmp_path):
+    model = _model(ccam=True)
+    x, t, hidden, mask = _inputs(b=2, n=6)
+    path = tmp_path / "unet.onnx"
+    torch.onnx.export(
+        _Denoise(model),
+        (x, t, hidden, mask),
+        str(path),
+        opset_version=17,
+        dynamo=False,
+        input_names=["sample", "timestep", "encoder_hidden_states", "encoder_attention_mask"],
+        output_names=["eps"],
+        dynamic_axes={
+            "sample": {0: "batch"},
+            "timestep": {0: "batch"},
+            "encoder_hidden_states": {0: "batch", 1: "tokens"},
+            "encoder_attention_mask": {0: "batch", 1: "tokens"},
+        },
+    )
+    assert path.stat().st_size > 0
+    if importlib.util.find_spec("onnxruntime") is None:
+        pytest.skip("onnxruntime not installed: export checked, parity not")
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x, t, hidden, mask = _inputs(b=3, n=9, seed=1)  # other batch and text length than at export
+    mask[2, 5:] = 0
+    feeds = {
+        "sample": x.numpy(),
+        "timestep": t.numpy(),
+        "encoder_hidden_states": hidden.numpy(),
+        "encoder_attention_mask": mask.numpy(),
+    }
+    (got,) = sess.run(None, feeds)
+    with torch.no_grad():
+        want = model.denoise(x, t, hidden, mask).numpy()
+    assert np.abs(got - want).max() <= 1e-4
+
+
+def test_attention_bias_shapes():
+    from markup2image.models.position import attention_bias
+
+    mask = torch.tensor([[1, 0]])
+    assert torch.equal(attention_bias(mask, torch.float32), torch.tensor([[[[0.0, -10000.0]]]]))
+    diffusers_bias = (1 - mask.float()) * -10000.0
+    assert torch.equal(attention_bias(diffusers_bias[:, None], torch.float32), attention_bias(mask, torch.float32))
+    assert attention_bias(None, torch.float32) is None
+    assert F.softmax(attention_bias(mask, torch.float32)[0, 0, 0], -1)[1] == 0.0
