@@ -1,0 +1,256 @@
+"""Objectives: scheduled sampling, negatives, the FSA-CDM composition and its gradients."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from markup2image.config import DomainConfig, ModelConfig, Params, TrainConfig
+from markup2image.diffusion.objectives import (
+    OBJECTIVES,
+    TrainBatch,
+    augment_positive,
+    choose_negatives,
+    get_objective,
+    noise_scheduler,
+    scheduled_sampling_probability,
+    ss_dm_loss,
+)
+from markup2image.models.model import MarkupToImageModel
+
+IMAGE = DomainConfig(height=8, width=16, channels=1)
+TINY = ModelConfig(
+    block_out_channels=(8, 16),
+    cross_attention_levels=(True, True),
+    layers_per_block=1,
+    attention_head_dim=2,
+    norm_num_groups=4,
+    encoder_dim=16,
+    encoder_layers=1,
+    encoder_heads=2,
+    max_text_length=12,
+    ccam_blocks=2,
+    ccam_rank=4,
+    fsa_channels=(4, 8),
+    fsa_hidden=8,
+    contrastive_dim=8,
+)
+SCHED = noise_scheduler(Params().diffusion)
+
+
+def _batch(b: int = 4, keys: list[int] | None = None, t: list[int] | None = None, seed: int = 0) -> TrainBatch:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(b, 6, dtype=torch.long)
+    mask[0, 4:] = 0
+    return TrainBatch(
+        images=torch.rand(b, 1, IMAGE.height, IMAGE.width, generator=g) * 2 - 1,
+        input_ids=torch.randint(1, 30, (b, 6), generator=g) * mask,
+        attention_mask=mask,
+        markup_keys=torch.tensor(keys if keys is not None else list(range(b))),
+        noise=torch.randn(b, 1, IMAGE.height, IMAGE.width, generator=g),
+        timesteps=torch.tensor(t) if t is not None else torch.randint(0, 1000, (b,), generator=g),
+        generator=torch.Generator().manual_seed(seed + 1),
+    )
+
+
+def _model(**switches) -> MarkupToImageModel:
+    torch.manual_seed(0)
+    return MarkupToImageModel(model_cfg=dataclasses.replace(TINY, **switches), image=IMAGE, vocab_size=30)
+
+
+def _params(model: MarkupToImageModel, **train) -> Params:
+    return Params(model=model.model_cfg, train=TrainConfig(**({"num_negatives": 2, "steps": 100} | train)))
+
+
+class RecordingDenoiser(nn.Module):
+    """Predicts zero noise and records every call's ``(sample, timestep, kwargs)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model_cfg = TINY
+        self.calls: list[tuple[torch.Tensor, torch.Tensor, dict]] = []
+        self.weight = nn.Parameter(torch.zeros(()))
+
+    def forward(self, sample, timestep, input_ids, attention_mask, **kwargs):
+        self.calls.append((sample.clone(), timestep.clone(), kwargs))
+        return torch.zeros_like(sample) + self.weight
+
+
+def test_registry_has_every_objective():
+    assert set(OBJECTIVES) == {"ddpm", "ss_dm", "cdcd", "fsa_cdm"}
+    with pytest.raises(ValueError, match="train.objective"):
+        get_objective("nope")
+
+
+def test_scheduled_sampling_probability_is_linear_per_step():
+    assert scheduled_sampling_probability(0, 100, 0.8) == 0.0
+    assert math.isclose(scheduled_sampling_probability(25, 100, 0.8), 0.2)
+    assert math.isclose(scheduled_sampling_probability(50, 100, 0.8), 0.4)
+    assert scheduled_sampling_probability(100, 100, 0.8) == 0.8
+    assert scheduled_sampling_probability(500, 100, 0.8) == 0.8
+
+
+def _alpha_bar(t: torch.Tensor) -> torch.Tensor:
+    return SCHED.alphas_cumprod[t].view(-1, 1, 1, 1)
+
+
+def test_ss_dm_rollout_and_target_with_m1():
+    """P(m=1) = 1: y_{t+1} ~ q, x̂0 from the model, re-noised to t with fresh noise; target from the TRUE y0."""
+    model = RecordingDenoiser()
+    batch = _batch(t=[0, 10, 500, 998])
+    params = Params(model=TINY, train=TrainConfig(steps=10, ss_max_prob=1.0))
+    gen = torch.Generator()
+    gen.set_state(batch.generator.get_state())
+    torch.rand((), generator=gen)  # the draw of m
+    fresh = torch.randn(batch.images.shape, generator=gen)  # the re-noising noise
+    loss, terms = ss_dm_loss(model, batch, SCHED, params, step=10)
+    assert terms["ss_m"] == 1.0
+    assert len(model.calls) == 2
+    (y1, t1, _), (y_t, t_grad, _) = model.calls
+    t = batch.timesteps
+    assert torch.equal(t1, t + 1) and torch.equal(t_grad, t)
+    ab1, ab = _alpha_bar(t + 1), _alpha_bar(t)
+    assert torch.allclose(y1, ab1.sqrt() * batch.images + (1 - ab1).sqrt() * batch.noise, atol=1e-6)
+    x0_hat = y1 / ab1.sqrt()  # eps_theta = 0, unclipped
+    assert x0_hat.abs().max() > 1.0  # really unclipped at t=998
+    expected_y_t = ab.sqrt() * x0_hat + (1 - ab).sqrt() * fresh
+    assert torch.allclose(y_t, expected_y_t, atol=1e-5)
+    target = (y_t - ab.sqrt() * batch.images) / (1 - ab).sqrt()
+    # eps_theta = 0 -> L_simple = mean(target^2) per item
+    assert torch.allclose(terms["per_item"], target.pow(2).flatten(1).mean(1), rtol=1e-5)
+    assert math.isclose(loss.item(), target.pow(2).mean().item(), rel_tol=1e-5)
+
+
+def test_ss_dm_m_drops_to_zero_when_t_plus_m_leaves_the_schedule():
+    model = RecordingDenoiser()
+    batch = _batch(t=[0, 999, 5, 7])
+    params = Params(model=TINY, train=TrainConfig(steps=10, ss_max_prob=1.0))
+    loss, terms = ss_dm_loss(model, batch, SCHED, params, step=10)
+    assert terms["ss_m"] == 0.0 and len(model.calls) == 1
+    # m = 0: target = the true noise
+    assert math.isclose(loss.item(), batch.noise.pow(2).mean().item(), rel_tol=1e-5)
+
+
+def test_ss_dm_at_step_zero_never_rolls_out():
+    model = RecordingDenoiser()
+    params = Params(model=TINY, train=TrainConfig(steps=10, ss_max_prob=0.8))
+    for seed in range(20):
+        _, terms = ss_dm_loss(model, _batch(seed=seed, t=[1, 2, 3, 4]), SCHED, params, step=0)
+        assert terms["ss_m"] == 0.0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_negatives_never_share_the_anchor_markup(seed):
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randint(0, 3, (9,), generator=g)
+    index, valid = choose_negatives(keys, 5, g)
+    assert index.shape == valid.shape == (9, 5)
+    for i in range(9):
+        others = int((keys != keys[i]).sum())
+        assert bool(valid[i].all()) == (others > 0)
+        if others:
+            assert (keys[index[i]] != keys[i]).all()
+            # fewer valid candidates than K: every one is used, none more than ceil(K / count) times
+            used = torch.bincount(index[i], minlength=9)[keys != keys[i]]
+            assert (used >= 5 // others).all() and (used <= -(-5 // others)).all()
+
+
+def test_negatives_are_masked_when_the_whole_batch_shares_one_markup():
+    index, valid = choose_negatives(torch.tensor([7, 7, 7]), 2)
+    assert not valid.any()
+    assert torch.equal(index, torch.tensor([[0, 0], [1, 1], [2, 2]]))
+
+
+def test_augment_positive_is_mild():
+    g = torch.Generator().manual_seed(0)
+    white = torch.ones(3, 1, 8, 16)
+    assert torch.equal(augment_positive(white, g), white)  # white stays white (white fill, contrast about white)
+    img = torch.ones(6, 1, 12, 20)
+    img[:, :, 6, 10] = -1.0  # one ink pixel
+    out = augment_positive(img, g)
+    assert out.min() >= -1 and out.max() <= 1
+    for i in range(6):
+        r, c = divmod(int(out[i, 0].argmin()), 20)
+        assert abs(r - 6) <= 1 and 1 <= abs(c - 10) <= 2  # shifted by 1-2 px horizontally, <= 1 px vertically
+        assert out[i].min() < -0.45  # the ink is still clearly ink (threshold +0.18)
+
+
+def test_fsa_cdm_with_everything_off_equals_ddpm():
+    model = _model()
+    batch = _batch()
+    params = _params(model)
+    ddpm, _ = get_objective("ddpm")(model, batch, SCHED, params, 0)
+    fsa, terms = get_objective("fsa_cdm")(model, batch, SCHED, params, 0)
+    assert torch.allclose(ddpm, fsa) and "loss_fa" not in terms
+
+
+def test_fsa_cdm_without_con_aug_is_simple_plus_beta_fa():
+    model = _model(fsa=True)
+    params = dataclasses.replace(_params(model), beta=0.5)
+    loss, terms = get_objective("fsa_cdm")(model, _batch(), SCHED, params, 0)
+    assert "loss_infonce" not in terms
+    assert math.isclose(loss.item(), terms["loss_simple"] + 0.5 * terms["loss_fa"], rel_tol=1e-5)
+
+
+def test_fsa_cdm_composition_and_one_batched_unet_call():
+    model = _model(fsa=True, con_aug=True, ccam=True)
+    params = dataclasses.replace(_params(model, num_negatives=3), beta=0.3, contrastive_weight=0.7, tau=0.2)
+    calls = []
+    model.unet.register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape[0]))
+    loss, terms = get_objective("fsa_cdm")(model, _batch(b=4, keys=[1, 1, 2, 3]), SCHED, params, 0)
+    assert calls == [4 * (3 + 2)]  # anchor + positive + K negatives, one U-Net call
+    expected = (
+        terms["loss_simple"]
+        + terms["loss_positive"]
+        + 0.7 * terms["loss_eubo"]
+        + terms["loss_infonce"]
+        + 0.3 * terms["loss_fa"]
+    )
+    assert math.isclose(loss.item(), expected, rel_tol=1e-5)
+    assert terms["negatives_valid"] == 1.0  # keys 1,1,2,3: every item has a different-markup image
+
+
+def test_fsa_cdm_pairs_negatives_with_the_anchor_markup():
+    class Spy(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.module = inner
+            self.kwargs = None
+
+        def forward(self, *args, **kwargs):
+            self.kwargs = kwargs
+            return self.module(*args, **kwargs)
+
+    spy = Spy(_model(con_aug=True))
+    batch = _batch(b=4, keys=[5, 5, 6, 7])
+    get_objective("fsa_cdm")(spy, batch, SCHED, _params(spy.module, num_negatives=2), 0)
+    text_index = spy.kwargs["text_index"]
+    assert torch.equal(text_index[:8], torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]))
+    assert torch.equal(text_index[8:], torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+
+
+def test_fsa_cdm_gradients_reach_every_trainable_module():
+    model = _model(fsa=True, con_aug=True, ccam=True)
+    loss, _ = get_objective("fsa_cdm")(model, _batch(b=4, keys=[1, 2, 3, 4]), SCHED, _params(model), 0)
+    loss.backward()
+    missing = [
+        n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)
+    ]
+    # the padding row of the token embedding is the only zero gradient allowed, and it is a row, not a tensor
+    assert missing == []
+    for part in (model.alignment, model.contrastive_head, model.encoder):
+        assert any(p.grad.abs().sum() > 0 for p in part.parameters())
+
+
+def test_cdcd_is_simple_minus_weighted_negatives():
+    model = _model()
+    params = _params(model, cdcd_weight=0.25)
+    calls = []
+    model.unet.register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape[0]))
+    loss, terms = get_objective("cdcd")(model, _batch(keys=[1, 2, 3, 4]), SCHED, params, 0)
+    assert calls == [4 * 3]
+    assert math.isclose(loss.item(), terms["loss_simple"] - 0.25 * terms["loss_negative"], rel_tol=1e-5)
