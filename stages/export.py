@@ -3,8 +3,8 @@
 import sys
 from pathlib import Path
 
-from markup2image.export.onnx_export import ExportParityError, export_model
-
+from markup2image.export.onnx_export import export_model
+from markup2image.export.parity import ExportParityError
 from markup2image.stage_args import parser, setup
 
 
