@@ -37,6 +37,8 @@ from torch import nn
 
 from markup2image.config import Params
 from markup2image.diffusion.sampling import SAMPLERS, scheduler_config
+from markup2image.export.parity import ExportParityError, run_parity
+from markup2image.export.tensorrt import export_tensorrt
 from markup2image.io import write_json
 from markup2image.models.model import load_model
 from markup2image.runtime.manifest import FORMAT_VERSION, MANIFEST, file_records, sha256_file
@@ -406,9 +408,6 @@ def export_model(
             the graphs and ``parity.json``, and no manifest).
     """
     from tqdm.auto import tqdm
-
-    from markup2image.export.parity import ExportParityError, run_parity
-    from markup2image.export.tensorrt import export_tensorrt
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if domain is None and out_dir.name in params.domain:
