@@ -200,6 +200,9 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     if origin is Literal:
+        # DVC rewrites params.yaml as YAML 1.2 (`no` unquoted); PyYAML reads YAML 1.1, where `no` is False.
+        if isinstance(value, bool) and "no" in get_args(tp) and value is False:
+            value = "no"
         if value not in get_args(tp):
             raise ConfigError(f"{key}: {value!r} is not one of {list(get_args(tp))}")
         return value
