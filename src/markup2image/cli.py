@@ -27,6 +27,12 @@ def _emit(obj: Any, out: Path | None) -> None:
         print(f"wrote {out}")
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _params(path: str):
     from markup2image.config import Params, load_params
 
@@ -121,7 +127,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
     params = _params(args.params)
     domain = args.domain or params.domains[0]
-    _emit(parameter_summary(params, domain, args.vocab_size), args.out)
+    _emit(parameter_summary(params, domain, args.vocab_size, size=args.size), args.out)
     return 0
 
 
@@ -140,11 +146,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         if not args.model:
             raise SystemExit("error: bench sample needs --model (a models/<domain>/model or export/<domain> folder)")
-        result = bench_sample(args.model, batch_sizes=tuple(args.batch_sizes), steps=(args.steps,))
+        result = bench_sample(
+            args.model,
+            backends=tuple(args.backends),
+            batch_sizes=tuple(args.batch_sizes),
+            steps=tuple(args.steps_list or [args.steps]),
+            params=params,
+        )
     elif args.what == "train":
         from markup2image.bench_train import bench_train
 
-        result = bench_train(params, sizes=tuple(args.sizes), steps=args.steps)
+        result = bench_train(
+            params,
+            objectives=tuple(args.objectives),
+            sizes=tuple(args.sizes),
+            steps=args.steps,
+            domain=args.domain or params.domains[0],
+            device="cuda" if _cuda() else "cpu",
+        )
     else:  # argparse restricts choices
         raise SystemExit(f"error: unknown benchmark {args.what!r}")
     _emit(result, args.out)
@@ -185,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     su = sub.add_parser("summary", help="parameter count per module for the current params (JSON)")
     su.add_argument("--domain")
     su.add_argument("--vocab-size", type=int, default=512)
+    su.add_argument(
+        "--size",
+        default="params",
+        choices=["params", "tiny", "paper"],
+        help="params = the model in params.yaml; paper = the SS-DM U-Net (with switches)",
+    )
     su.add_argument("--out", type=Path)
     su.set_defaults(fn=cmd_summary)
 
@@ -195,8 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", help="bench sample: a trained model or an export folder")
     b.add_argument("-n", type=int, default=0, help="items/pairs to time")
     b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
-    b.add_argument("--steps", type=int, default=20)
-    b.add_argument("--sizes", nargs="+", default=["tiny"], choices=["tiny", "paper"])
+    b.add_argument("--steps", type=int, default=20, help="sample: sampler steps; train: timed steps")
+    b.add_argument("--steps-list", type=int, nargs="+", help="sample: several step counts")
+    b.add_argument(
+        "--backends",
+        nargs="+",
+        default=["torch", "onnxruntime"],
+        help="sample: torch, torch_fast (CUDA), onnxruntime, tensorrt",
+    )
+    b.add_argument("--objectives", nargs="+", default=["ddpm", "ss_dm", "cdcd", "fsa_cdm"])
+    b.add_argument("--sizes", nargs="+", default=["tiny"], help="train: tiny, paper, params")
     b.add_argument("--out", type=Path)
     b.set_defaults(fn=cmd_bench)
     return p
