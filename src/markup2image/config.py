@@ -138,6 +138,9 @@ class TrainConfig:
     num_processes: int = 1
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     accelerate_config: str = ""  # an `accelerate config` YAML for multi-node runs; empty = flags from these params
+    cpu: bool = False  # train on CPU processes (gloo) even where GPUs are visible
+    sample_every: int = 0  # log a grid of EMA samples of train markup to DVCLive every N steps; 0 = off
+    keep_checkpoints: int = 2  # newest complete checkpoints kept; 0 = keep all
     num_negatives: int = 5
     ss_max_prob: float = 0.8
     cdcd_weight: float = 0.01
@@ -291,6 +294,25 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return params_from_dict(raw)
 
 
+def check_batch_split(t: TrainConfig, processes: int) -> None:
+    """The global ``train.batch_size`` must split evenly into ``processes`` x ``train.grad_accum`` micro-batches,
+    and the contrastive objectives need more items per process micro-batch than ``train.num_negatives``.
+
+    Called by :func:`validate` with ``train.num_processes`` and again by training with the real process count
+    (an accelerate config file may set another one)."""
+    if t.batch_size % (processes * t.grad_accum):
+        raise ConfigError(
+            f"train.batch_size: {t.batch_size} is not divisible by processes x train.grad_accum "
+            f"({processes} x {t.grad_accum}); the batch size is global, so make it a multiple of that product"
+        )
+    local = t.batch_size // (processes * t.grad_accum)
+    if t.objective in ("fsa_cdm", "cdcd") and t.num_negatives >= local:
+        raise ConfigError(
+            f"train.num_negatives: {t.num_negatives} negatives need a per-process micro-batch larger than that "
+            f"(train.batch_size / (processes x train.grad_accum) = {local}); lower it or raise train.batch_size"
+        )
+
+
 def validate(p: Params) -> None:
     """Cross-field checks that must fail before any work starts."""
     for d in p.domains:
@@ -307,16 +329,13 @@ def validate(p: Params) -> None:
         if c % m.norm_num_groups:
             raise ConfigError(f"model.block_out_channels: {c} is not divisible by model.norm_num_groups")
     t = p.train
-    if t.batch_size % max(t.num_processes, 1):
-        raise ConfigError(
-            f"train.batch_size: {t.batch_size} is not divisible by train.num_processes={t.num_processes}; "
-            "the batch size is global, so make it a multiple of the process count"
-        )
-    if t.objective in ("fsa_cdm", "cdcd") and t.num_negatives >= t.batch_size // max(t.num_processes, 1):
-        raise ConfigError(
-            f"train.num_negatives: {t.num_negatives} negatives need a per-process batch larger than that "
-            f"(train.batch_size / train.num_processes = {t.batch_size // max(t.num_processes, 1)})"
-        )
+    for key in ("steps", "batch_size", "grad_accum", "num_processes", "checkpoint_every", "log_every"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key}: must be at least 1, got {getattr(t, key)}")
+    for key in ("sample_every", "keep_checkpoints", "warmup_steps"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"train.{key}: must be 0 or more, got {getattr(t, key)}")
+    check_batch_split(t, t.num_processes)
     if p.evaluate.steps < 1:
         raise ConfigError("evaluate.steps: must be at least 1")
 
