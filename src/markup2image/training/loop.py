@@ -1,9 +1,21 @@
-"""The training loop, run under ``accelerate launch`` on 1 CPU process, N GPUs or several nodes.
+"""The training loop, run under ``accelerate launch`` on 1 CPU process, N CPU/GPU processes or several nodes.
 
-Determinism by construction: the batch at optimizer step ``s`` is a fixed slice of a per-epoch permutation seeded
-by ``(train.seed, epoch)``, and the noise and timesteps of the *global* batch are drawn from a generator seeded by
-``(train.seed, s, micro_step)`` and then sliced per process. So a resumed run continues exactly as if never
-stopped, and N processes see the same data and noise as one process with the same global batch.
+Determinism by construction: the global batch at optimizer step ``s`` is a fixed slice of a per-epoch permutation
+seeded by ``(train.seed, epoch)``; the noise and timesteps of each global micro-batch come from a generator seeded
+by ``(train.seed, s, micro_step)``, and every process takes its slice of both. So:
+
+* ``train.batch_size`` is the global batch at any process count: each of W processes runs
+  ``batch_size / (W * grad_accum)`` items per micro-step, and DDP averages the gradients;
+* for ``ddpm`` a W-process run computes the same gradients as a 1-process run (up to float summation order);
+* a resumed run continues exactly as if never stopped: the batch and noise of a step depend on nothing but the
+  step, and the checkpoint holds model, EMA, optimizer, LR scheduler, grad scaler and every RNG state.
+
+Randomness an objective draws itself (negatives, augmentation, scheduled-sampling ``m`` and its noise) comes from a
+generator seeded by ``(train.seed, s, micro_step, rank)``: independent per process, so with W > 1 those objectives
+match a 1-process run in distribution, not bit for bit (negatives are also chosen within a process's shard).
+
+Rank 0 alone logs to DVCLive (``<out>/live``): each loss term, the loss per timestep quartile, lr, images/s, and
+every ``train.sample_every`` steps a grid of EMA samples of a few train markups (``plots/images/samples/``).
 """
 
 from __future__ import annotations
@@ -12,10 +24,14 @@ import contextlib
 import json
 import logging
 import math
+import os
+import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,15 +40,23 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from markup2image.config import Params, to_dict
+from markup2image.config import Params, TrainConfig, check_batch_split, to_dict
 from markup2image.data.dataset import MarkupImageDataset, collate
 from markup2image.diffusion.objectives import TrainBatch, get_objective, noise_scheduler
 from markup2image.models.model import MarkupToImageModel
 from markup2image.text.tokenizer import TOKENIZER_FILE, load_tokenizer, pad_id
+from markup2image.training.launch import effective_mixed_precision
 
 log = logging.getLogger(__name__)
 
-COMPLETE = "COMPLETE"  # marker written last into a finished checkpoint
+COMPLETE = "COMPLETE"  # marker written into a checkpoint before it is renamed into place
+TRAINER_STATE = "trainer_state.json"
+DUMP_RANK_WEIGHTS_ENV = "MARKUP2IMAGE_DUMP_RANK_WEIGHTS"  # test hook: every rank writes its final weights here
+SAMPLE_ITEMS = 4  # train markups in the sample grid
+SAMPLE_STEPS = 20  # DDIM steps for the sample grid
+# settings that change how often things are written or where processes run, not what a step computes
+_NOT_FINGERPRINTED = ("checkpoint_every", "log_every", "sample_every", "keep_checkpoints", "num_processes", "cpu")
+_NOT_FINGERPRINTED += ("accelerate_config",)
 
 
 @dataclass(frozen=True)
@@ -70,36 +94,92 @@ class BatchIndexer:
         return self._perms[epoch]
 
     def __call__(self, step: int, batch_size: int) -> np.ndarray:
+        """Indices ``[batch_size]`` (int64) of the global batch at optimizer step ``step``."""
         pos = np.arange(step * batch_size, (step + 1) * batch_size)
         return np.array([self._perm(int(p // self.n))[int(p % self.n)] for p in pos], dtype=np.int64)
 
 
 def draw_noise(
     step: int, micro: int, seed: int, shape: tuple[int, ...], num_timesteps: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
-    """Noise ``[B, C, H, W]`` and timesteps ``[B]`` for the global micro-batch, plus a generator for extras."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise ``eps [B, C, H, W]`` and timesteps ``[B]`` of the GLOBAL micro-batch (B = all processes' items)."""
     g = torch.Generator().manual_seed(int(seed) * 1_000_003 + step * 1009 + micro)
     noise = torch.randn(shape, generator=g)
     timesteps = torch.randint(0, num_timesteps, (shape[0],), generator=g)
-    return noise, timesteps, g
+    return noise, timesteps
+
+
+def extras_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    """The generator an objective draws its own randomness from: one per (seed, step, micro-step, rank)."""
+    state = np.random.SeedSequence([seed, step, micro, rank]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def rank_slice(rank: int, world: int, global_size: int) -> slice:
+    """This process's share ``[rank * B/W, (rank + 1) * B/W)`` of a global micro-batch of ``B`` items."""
+    local = global_size // world
+    return slice(rank * local, (rank + 1) * local)
+
+
+@dataclass(frozen=True)
+class MicroBatchShare:
+    """One process's share of one global micro-batch: dataset indices ``[b]``, noise ``eps [b, C, H, W]`` and
+    timesteps ``[b]``, with ``b = train.batch_size / (train.grad_accum * world)``."""
+
+    indices: np.ndarray
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+
+
+def micro_batch_share(
+    cfg: TrainConfig,
+    batch_indices: np.ndarray,
+    step: int,
+    micro: int,
+    rank: int,
+    world: int,
+    image_shape: tuple[int, int, int],
+    num_timesteps: int,
+) -> MicroBatchShare:
+    """Micro-step ``micro`` of optimizer step ``step`` for process ``rank`` of ``world``.
+
+    ``batch_indices [train.batch_size]`` is the global batch (:class:`BatchIndexer`); ``image_shape`` is (C, H, W).
+    The noise is drawn for the whole global micro-batch and sliced, so the shares of all ranks put together are
+    exactly what one process would draw.
+    """
+    micro_global = cfg.batch_size // cfg.grad_accum
+    mid = batch_indices[micro * micro_global : (micro + 1) * micro_global]
+    noise, timesteps = draw_noise(step, micro, cfg.seed, (micro_global, *image_shape), num_timesteps)
+    sl = rank_slice(rank, world, micro_global)
+    return MicroBatchShare(mid[sl], noise[sl], timesteps[sl])
 
 
 def run_fingerprint(params: Params, domain: str) -> str:
-    """A hash of everything that defines a training run; checkpoints of another run are never resumed."""
+    """A hash of everything that defines what training computes; checkpoints of another run are never resumed.
+
+    The process layout is left out: a run may resume on another process count with the same global batch.
+    """
     import hashlib
 
     keys = {k: v for k, v in to_dict(params).items() if k in ("lambda", "beta", "tau", "model", "diffusion", "train")}
-    keys["train"] = {k: v for k, v in keys["train"].items() if k not in ("checkpoint_every", "log_every")}
+    keys["train"] = {k: v for k, v in keys["train"].items() if k not in _NOT_FINGERPRINTED}
     keys["domain"] = [domain, to_dict(params.domain_config(domain))]
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _step_of(path: Path) -> int:
+    return int(path.name.rsplit("_", 1)[1])
+
+
 def newest_checkpoint(folder: Path) -> Path | None:
-    """The newest checkpoint folder that was completely written (has the COMPLETE marker)."""
+    """The newest checkpoint folder ``step_<n>`` that was completely written (has the COMPLETE marker).
+
+    ``.tmp_step_<n>`` folders (a save that was cut off) never match.
+    """
     if not folder.exists():
         return None
-    done = [p for p in folder.glob("step_*") if (p / COMPLETE).exists()]
-    return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)
+    done = [p for p in folder.glob("step_*") if re.fullmatch(r"step_\d+", p.name) and (p / COMPLETE).exists()]
+    return max(done, key=_step_of, default=None)
 
 
 def build_model(params: Params, domain: str, tokenizer_dir: Path) -> MarkupToImageModel:
@@ -111,27 +191,40 @@ def build_model(params: Params, domain: str, tokenizer_dir: Path) -> MarkupToIma
     )
 
 
-def train(params: Params, domain: str, paths: TrainPaths, max_steps: int | None = None) -> dict:
-    """Train (or resume) and write ``paths.model`` with EMA weights. Returns a summary dict.
+@dataclass
+class _Run:
+    """What a training run holds while it steps. ``model`` is the prepared (DDP-wrapped) module, ``net`` inside it."""
 
-    ``max_steps`` stops early after that many optimizer steps in this call (used to simulate a kill in tests).
-    """
-    cfg = params.train
-    acc = Accelerator(
-        mixed_precision=cfg.mixed_precision if torch.cuda.is_available() else "no",
-        cpu=not torch.cuda.is_available(),
-        step_scheduler_with_optimizer=False,
-    )
-    world, rank = acc.num_processes, acc.process_index
-    if cfg.batch_size % (world * cfg.grad_accum):
-        raise ValueError(
-            f"train.batch_size: {cfg.batch_size} must be divisible by processes x train.grad_accum "
-            f"({world} x {cfg.grad_accum})"
-        )
-    if cfg.mixed_precision != "no" and not torch.cuda.is_available():
+    acc: Accelerator
+    model: torch.nn.Module
+    net: MarkupToImageModel
+    opt: Any
+    lr_sched: Any
+    ema: EMAModel
+    dataset: MarkupImageDataset
+    indices: BatchIndexer
+
+    @property
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.net.parameters() if p.requires_grad]
+
+
+def _accelerator(cfg: TrainConfig) -> Accelerator:
+    """An Accelerator for this process; fails before any work on settings this machine cannot run."""
+    cpu = cfg.cpu or not torch.cuda.is_available()
+    bf16 = not cpu and torch.cuda.is_bf16_supported()
+    precision = effective_mixed_precision(cfg.mixed_precision, cpu, bf16)
+    acc = Accelerator(mixed_precision=precision, cpu=cpu, step_scheduler_with_optimizer=False)
+    check_batch_split(cfg, acc.num_processes)
+    if acc.is_main_process and precision != cfg.mixed_precision:
         log.warning("train.mixed_precision=%s needs a GPU; training in fp32 on the CPU", cfg.mixed_precision)
+    return acc
+
+
+def _prepare(params: Params, domain: str, paths: TrainPaths, acc: Accelerator) -> _Run:
+    cfg = params.train
     model = build_model(params, domain, paths.tokenized)
-    torch.manual_seed(cfg.seed + rank)  # per-rank offset for any implicit randomness (dropout)
+    torch.manual_seed(cfg.seed + acc.process_index)  # per-rank offset for any implicit randomness (dropout)
     dataset = MarkupImageDataset(paths.rendered, paths.tokenized, "train", model.image.channels)
     if len(dataset) == 0:
         raise ValueError(f"{paths.rendered}/train.jsonl: no rendered training items; check the render stage report")
@@ -139,15 +232,17 @@ def train(params: Params, domain: str, paths: TrainPaths, max_steps: int | None 
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps)
     ema = EMAModel(trainable, decay=cfg.ema_decay)
-    model, opt, lr_sched = acc.prepare(model, opt, lr_sched)
+    prepared, opt, lr_sched = acc.prepare(model, opt, lr_sched)
     acc.register_for_checkpointing(ema)
-    sched = noise_scheduler(params.diffusion)
-    objective = get_objective(cfg.objective)
+    net = acc.unwrap_model(prepared)
+    return _Run(acc, prepared, net, opt, lr_sched, ema, dataset, BatchIndexer(len(dataset), cfg.seed))
 
-    start = 0
-    fingerprint = run_fingerprint(params, domain)
+
+def _resume(run: _Run, paths: TrainPaths, fingerprint: str) -> int:
+    """Load the newest complete checkpoint of this run; returns the step to continue from (0: fresh start)."""
+    acc = run.acc
     ckpt = newest_checkpoint(paths.checkpoints)
-    if ckpt is not None and json.loads((ckpt / "trainer_state.json").read_text()).get("fingerprint") != fingerprint:
+    if ckpt is not None and json.loads((ckpt / TRAINER_STATE).read_text()).get("fingerprint") != fingerprint:
         log.info("checkpoints in %s belong to other params; starting afresh", paths.checkpoints)
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -155,105 +250,153 @@ def train(params: Params, domain: str, paths: TrainPaths, max_steps: int | None 
             shutil.rmtree(paths.live, ignore_errors=True)
         acc.wait_for_everyone()
         ckpt = None
+    start = 0
     if ckpt is not None:
         acc.load_state(str(ckpt))
-        start = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+        start = json.loads((ckpt / TRAINER_STATE).read_text())["step"]
         log.info("resuming from %s (step %d)", ckpt, start)
-    ema.to(acc.device)
+    run.ema.to(acc.device)
+    return start
 
-    live = _open_live(paths.live, resume=start > 0) if acc.is_main_process else None
-    micro_global = cfg.batch_size // cfg.grad_accum
-    local = micro_global // world
-    net = acc.unwrap_model(model)
-    img = net.image
-    indices = BatchIndexer(len(dataset), cfg.seed)
+
+def train(params: Params, domain: str, paths: TrainPaths, max_steps: int | None = None) -> dict:
+    """Train (or resume) and write ``paths.model`` with the EMA weights. Returns a summary dict.
+
+    ``max_steps`` stops after that many optimizer steps in this call (a checkpoint is written at the stop).
+    """
+    cfg = params.train
+    acc = _accelerator(cfg)
+    run = _prepare(params, domain, paths, acc)
+    fingerprint = run_fingerprint(params, domain)
+    start = _resume(run, paths, fingerprint)
     stop = cfg.steps if max_steps is None else min(cfg.steps, start + max_steps)
+    live = _open_live(paths.live, start) if acc.is_main_process else None
     bar = tqdm(
         range(start, stop), desc=f"train {domain}", disable=not acc.is_main_process, initial=start, total=cfg.steps
     )
-    t_last, terms_acc = time.perf_counter(), {}
+    terms_acc: dict[str, tuple[float, int]] = {}
+    seconds, steps_timed = 0.0, 0
     for step in bar:
-        model.train()
-        gidx = indices(step, cfg.batch_size)
-        for micro in range(cfg.grad_accum):
-            mid = gidx[micro * micro_global : (micro + 1) * micro_global]
-            shape = (micro_global, img.channels, img.height, img.width)
-            noise, timesteps, gen = draw_noise(step, micro, cfg.seed, shape, params.diffusion.num_train_timesteps)
-            sl = slice(rank * local, (rank + 1) * local)
-            data = collate([dataset[int(i)] for i in mid[sl]], pad_id=net.pad_id)
-            batch = TrainBatch(
-                images=data["images"].to(acc.device),
-                input_ids=data["input_ids"].to(acc.device),
-                attention_mask=data["attention_mask"].to(acc.device),
-                markup_keys=data["markup_keys"].to(acc.device),
-                noise=noise[sl].to(acc.device),
-                timesteps=timesteps[sl].to(acc.device),
-                generator=gen,
-            )
-            sync = micro == cfg.grad_accum - 1
-            ctx = acc.no_sync(model) if not sync else contextlib.nullcontext()
-            with ctx, acc.autocast():
-                loss, terms = objective(model, batch, sched, params, step)
-                acc.backward(loss / cfg.grad_accum)
-            terms["loss"] = float(loss.detach())
-            _accumulate_terms(terms_acc, terms, batch.timesteps, params.diffusion.num_train_timesteps)
-        if cfg.grad_clip > 0:
-            acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        lr_sched.step()
-        opt.zero_grad(set_to_none=True)
-        ema.step([p for p in net.parameters() if p.requires_grad])
+        t0 = time.perf_counter()
+        _train_step(run, params, step, terms_acc)
+        seconds, steps_timed = seconds + time.perf_counter() - t0, steps_timed + 1
         done = step + 1
         if done % cfg.log_every == 0 or done == stop:
-            now = time.perf_counter()
-            imgs_per_s = cfg.batch_size * cfg.log_every / max(now - t_last, 1e-9)
-            t_last = now
             logged = _reduce_terms(acc, terms_acc)
             terms_acc = {}
             if live is not None:
-                _log_live(live, logged, lr_sched.get_last_lr()[0], imgs_per_s, done)
+                _log_live(live, logged, run.lr_sched.get_last_lr()[0], cfg.batch_size * steps_timed / seconds, done)
                 bar.set_postfix(loss=f"{logged.get('loss', float('nan')):.4f}")
+            seconds, steps_timed = 0.0, 0
+        if live is not None and cfg.sample_every and done % cfg.sample_every == 0:
+            _log_sample_grid(live, run, params, done)
         if done % cfg.checkpoint_every == 0 or done == stop:
-            save_checkpoint(acc, paths.checkpoints, done, fingerprint)
+            save_checkpoint(acc, paths.checkpoints, done, fingerprint, keep=cfg.keep_checkpoints)
     acc.wait_for_everyone()
     finished = stop >= cfg.steps
     if acc.is_main_process and finished:
-        _save_final(acc, model, ema, params, domain, paths)
+        _save_final(run, params, domain, paths)
+    if os.environ.get(DUMP_RANK_WEIGHTS_ENV):
+        dump_rank_weights(run, Path(os.environ[DUMP_RANK_WEIGHTS_ENV]))
     if live is not None:
         live.end()
     acc.end_training()
-    return {"steps": stop, "finished": finished, "processes": world}
+    return {
+        "steps": stop,
+        "resumed_from": start,
+        "finished": finished,
+        "processes": acc.num_processes,
+        "mixed_precision": acc.mixed_precision,
+    }
 
 
-def _accumulate_terms(acc_terms: dict, terms: dict, timesteps: torch.Tensor, num_timesteps: int) -> None:
+def _train_step(run: _Run, params: Params, step: int, terms_acc: dict[str, tuple[float, int]]) -> None:
+    """One optimizer step over ``train.grad_accum`` micro-batches of this process's shard of the global batch."""
+    cfg, acc, net = params.train, run.acc, run.net
+    world, rank = acc.num_processes, acc.process_index
+    run.model.train()
+    sched, objective = noise_scheduler(params.diffusion), get_objective(cfg.objective)
+    gidx = run.indices(step, cfg.batch_size)  # (batch_size,) global
+    chw, num_t = (net.image.channels, net.image.height, net.image.width), params.diffusion.num_train_timesteps
+    for micro in range(cfg.grad_accum):
+        share = micro_batch_share(cfg, gidx, step, micro, rank, world, chw, num_t)
+        data = collate([run.dataset[int(i)] for i in share.indices], pad_id=net.pad_id)
+        batch = TrainBatch(
+            images=data["images"].to(acc.device),
+            input_ids=data["input_ids"].to(acc.device),
+            attention_mask=data["attention_mask"].to(acc.device),
+            markup_keys=data["markup_keys"].to(acc.device),
+            noise=share.noise.to(acc.device),  # (b, C, H, W): this rank's slice of the global draw
+            timesteps=share.timesteps.to(acc.device),
+            generator=extras_generator(cfg.seed, step, micro, rank),
+        )
+        # DDP all-reduces gradients in the backward of the last micro-step only (no_sync is a no-op without DDP)
+        sync = micro == cfg.grad_accum - 1
+        with contextlib.nullcontext() if sync else acc.no_sync(run.model):
+            with acc.autocast():
+                loss, terms = objective(run.model, batch, sched, params, step)
+            acc.backward(loss / cfg.grad_accum)
+        terms["loss"] = float(loss.detach())
+        _accumulate_terms(terms_acc, terms, batch.timesteps, num_t)
+    if cfg.grad_clip > 0:
+        acc.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    run.opt.step()
+    run.lr_sched.step()  # accelerate skips it when an fp16 step was skipped for inf/nan gradients
+    run.opt.zero_grad(set_to_none=True)
+    if not acc.optimizer_step_was_skipped:
+        run.ema.step(run.trainable)
+
+
+def _accumulate_terms(
+    acc_terms: dict[str, tuple[float, int]], terms: dict, timesteps: torch.Tensor, num_timesteps: int
+) -> None:
+    """Add one micro-step's terms as (sum, count); ``per_item [B]`` goes into the four timestep quartiles.
+
+    Every rank gets the same keys (all four quartiles even when empty), so the cross-process reduction lines up.
+    """
     for k, v in terms.items():
         if k == "per_item":
-            quart = (timesteps * 4 // num_timesteps).clamp(max=3)
+            quart = (timesteps * 4 // num_timesteps).clamp(max=3)  # (B,) in 0..3
             for q in range(4):
                 sel = v[quart == q]
-                if sel.numel():
-                    s, c = acc_terms.get(f"loss_t_q{q + 1}", (0.0, 0))
-                    acc_terms[f"loss_t_q{q + 1}"] = (s + float(sel.sum()), c + sel.numel())
+                s, c = acc_terms.get(f"loss_t_q{q + 1}", (0.0, 0))
+                acc_terms[f"loss_t_q{q + 1}"] = (s + float(sel.sum()), c + sel.numel())
             continue
         s, c = acc_terms.get(k, (0.0, 0))
         acc_terms[k] = (s + float(v), c + 1)
 
 
-def _reduce_terms(acc: Accelerator, terms: dict) -> dict[str, float]:
-    """Average logged terms over steps and processes."""
+def _reduce_terms(acc: Accelerator, terms: dict[str, tuple[float, int]]) -> dict[str, float]:
+    """Average logged terms over steps and processes (a term no item fell into is NaN)."""
     keys = sorted(terms)
     if not keys:
         return {}
     vals = torch.tensor([[terms[k][0], terms[k][1]] for k in keys], dtype=torch.float64, device=acc.device)
-    vals = acc.reduce(vals, reduction="sum") if acc.num_processes > 1 else vals
-    return {k: float(vals[i, 0] / max(vals[i, 1], 1)) for i, k in enumerate(keys)}
+    vals = acc.reduce(vals, reduction="sum") if acc.num_processes > 1 else vals  # (K, 2): sums, counts
+    return {k: float(vals[i, 0] / vals[i, 1]) if vals[i, 1] > 0 else math.nan for i, k in enumerate(keys)}
 
 
-def _open_live(folder: Path, resume: bool):
+def _open_live(folder: Path, start: int):
+    """DVCLive on rank 0; on a resume, rows and images logged after the checkpoint (then lost) are dropped."""
     from dvclive import Live
 
+    if start > 0:
+        prune_live_after(folder, start)
     # dvcyaml=False: DVCLive must not rewrite dvc.yaml; its files are declared there instead.
-    return Live(str(folder), dvcyaml=False, save_dvc_exp=False, resume=resume)
+    return Live(str(folder), dvcyaml=False, save_dvc_exp=False, resume=start > 0)
+
+
+def prune_live_after(folder: Path, step: int) -> None:
+    """Drop DVCLive metric rows and sample images of steps after ``step`` (written by a run that was then killed)."""
+    for tsv in (folder / "plots" / "metrics").rglob("*.tsv"):
+        lines = tsv.read_text().splitlines(keepends=True)
+        col = lines[0].rstrip("\n").split("\t").index("step") if lines else 0
+        kept = lines[:1] + [ln for ln in lines[1:] if int(ln.split("\t")[col]) <= step]
+        if len(kept) != len(lines):
+            tsv.write_text("".join(kept))
+    for png in (folder / "plots" / "images" / "samples").glob("step_*.png"):
+        if int(png.stem.split("_")[1]) > step:
+            png.unlink()
 
 
 def _log_live(live, terms: dict[str, float], lr: float, imgs_per_s: float, step: int) -> None:
@@ -262,15 +405,48 @@ def _log_live(live, terms: dict[str, float], lr: float, imgs_per_s: float, step:
         if math.isfinite(v):
             live.log_metric(f"train/{k}", v)
     live.log_metric("train/lr", lr)
-    live.log_metric("train/images_per_s", imgs_per_s)
+    live.log_metric("train/images_per_s", imgs_per_s)  # global batch x steps / training seconds (no I/O)
     live.next_step()
 
 
-def save_checkpoint(acc: Accelerator, folder: Path, step: int, fingerprint: str = "") -> None:
-    """accelerate's full state (model, optimizer, LR scheduler, scaler, EMA, RNG) into ``step_<n>``.
+@torch.no_grad()
+def _log_sample_grid(live, run: _Run, params: Params, step: int) -> None:
+    """Sample the first train markups with the EMA weights (short DDIM run) and log gold | generated to DVCLive."""
+    from markup2image.diffusion.sampling import sample_images, to_uint8
+    from markup2image.evaluation.report import save_comparison_grid
 
-    Written to a temporary folder and renamed; the COMPLETE marker is the last thing written, so a
-    half-written checkpoint is never picked up by :func:`newest_checkpoint`.
+    items = [run.dataset[i] for i in range(min(SAMPLE_ITEMS, len(run.dataset)))]
+    data = collate(items, pad_id=run.net.pad_id)
+    device = run.acc.device
+    run.ema.store(run.trainable)
+    run.ema.copy_to(run.trainable)
+    run.net.eval()
+    try:
+        images = sample_images(
+            run.net,
+            data["input_ids"].to(device),
+            data["attention_mask"].to(device),
+            sampler="ddim",
+            steps=min(SAMPLE_STEPS, params.diffusion.num_train_timesteps),
+            seed=params.train.seed,
+            diffusion=params.diffusion,
+        )  # (B, C, H, W) in [-1, 1]
+    finally:
+        run.ema.restore(run.trainable)
+        run.net.train()
+    golds, preds = to_uint8(data["images"]), to_uint8(images)
+    titles = [run.dataset.rows[i]["id"] for i in range(len(items))]
+    with tempfile.TemporaryDirectory() as tmp:
+        grid = Path(tmp) / "grid.png"
+        save_comparison_grid(list(golds), list(preds), grid, titles=titles, max_items=SAMPLE_ITEMS)
+        live.log_image(f"samples/step_{step:08d}.png", grid)
+
+
+def save_checkpoint(acc: Accelerator, folder: Path, step: int, fingerprint: str = "", keep: int = 0) -> None:
+    """accelerate's full state (model, optimizer, LR scheduler, grad scaler, EMA, every RNG) into ``step_<n>``.
+
+    Written into ``.tmp_step_<n>`` with the COMPLETE marker last, then renamed, so :func:`newest_checkpoint`
+    never picks up a half-written checkpoint. ``keep`` > 0 deletes all but the newest ``keep`` checkpoints.
     """
     final = folder / f"step_{step:08d}"
     tmp = folder / f".tmp_step_{step:08d}"
@@ -281,23 +457,57 @@ def save_checkpoint(acc: Accelerator, folder: Path, step: int, fingerprint: str 
     acc.save_state(str(tmp))
     acc.wait_for_everyone()
     if acc.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "fingerprint": fingerprint}))
+        state = {"step": step, "fingerprint": fingerprint, "processes": acc.num_processes}
+        (tmp / TRAINER_STATE).write_text(json.dumps(state))
+        (tmp / COMPLETE).write_text("ok\n")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        (final / COMPLETE).write_text("ok\n")
+        _prune_checkpoints(folder, keep)
     acc.wait_for_everyone()
 
 
-def _save_final(acc: Accelerator, model, ema: EMAModel, params: Params, domain: str, paths: TrainPaths) -> None:
-    """Save EMA weights (what evaluation and export use) plus the tokenizer into ``paths.model``."""
-    net = acc.unwrap_model(model)
-    trainable = [p for p in net.parameters() if p.requires_grad]
-    ema.store(trainable)
-    ema.copy_to(trainable)
+def _prune_checkpoints(folder: Path, keep: int) -> None:
+    """Remove cut-off saves (``.tmp_step_*``, older ``step_*`` without marker) and all but the newest ``keep``."""
+    for p in folder.glob(".tmp_step_*"):
+        shutil.rmtree(p, ignore_errors=True)
+    complete = sorted((p for p in folder.glob("step_*") if (p / COMPLETE).exists()), key=_step_of)
+    newest = _step_of(complete[-1]) if complete else -1
+    for p in folder.glob("step_*"):
+        if not (p / COMPLETE).exists() and _step_of(p) < newest:
+            shutil.rmtree(p, ignore_errors=True)
+    for p in complete[:-keep] if keep > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _save_final(run: _Run, params: Params, domain: str, paths: TrainPaths) -> None:
+    """Save the EMA weights (what evaluation and export use) plus the tokenizer into ``paths.model``."""
+    run.ema.store(run.trainable)
+    run.ema.copy_to(run.trainable)
     tmp = paths.model.with_name(".model.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    net.save(tmp, extra={"domain": domain, "params": to_dict(params), "ema": True})
+    extra = {
+        "domain": domain,
+        "params": to_dict(params),
+        "ema": True,
+        "mixed_precision": run.acc.mixed_precision,
+        "processes": run.acc.num_processes,
+    }
+    run.net.save(tmp, extra=extra)
     shutil.copy(paths.tokenized / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
     shutil.rmtree(paths.model, ignore_errors=True)
     tmp.rename(paths.model)
-    ema.restore(trainable)
+    run.ema.restore(run.trainable)
+
+
+def dump_rank_weights(run: _Run, folder: Path) -> Path:
+    """Test hook (``MARKUP2IMAGE_DUMP_RANK_WEIGHTS``): this rank's raw weights (``model.*``) and EMA weights
+    (``ema.*``) as ``rank_<r>.safetensors``, so a test can check that every rank holds the same model."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [n for n, p in run.net.named_parameters() if p.requires_grad]
+    state = {f"model.{n}": p.detach().cpu().contiguous() for n, p in run.net.named_parameters()}
+    state |= {f"ema.{n}": s.detach().cpu().contiguous() for n, s in zip(names, run.ema.shadow_params)}
+    path = folder / f"rank_{run.acc.process_index}.safetensors"
+    save_file(state, str(path))
+    return path

@@ -1,0 +1,194 @@
+"""Training pieces that need no process group: batch order, per-rank shares, checkpoint discovery, launch flags."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate.commands.config.config_args import load_config_from_file
+from accelerate.commands.launch import launch_command_parser
+
+from markup2image.config import params_from_dict
+from markup2image.training.launch import MACHINE_RANK_ENV, LaunchPlan, launch_command, launch_env, preflight
+from markup2image.training.loop import (
+    COMPLETE,
+    BatchIndexer,
+    _accumulate_terms,
+    _prune_checkpoints,
+    draw_noise,
+    extras_generator,
+    micro_batch_share,
+    newest_checkpoint,
+    prune_live_after,
+    run_fingerprint,
+)
+from markup2image.training.synthetic import tiny_params_dict
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _params(**train):
+    return params_from_dict(tiny_params_dict(**train))
+
+
+# -- batches ----------------------------------------------------------------------------------------------------
+
+
+def test_batch_indexer_is_deterministic_and_seeded():
+    a, b, other = BatchIndexer(10, seed=3), BatchIndexer(10, seed=3), BatchIndexer(10, seed=4)
+    assert all(np.array_equal(a(s, 4), b(s, 4)) for s in range(7))
+    assert not all(np.array_equal(a(s, 4), other(s, 4)) for s in range(3))
+    assert np.array_equal(BatchIndexer(10, 3)(5, 4), a(5, 4))  # stateless in the step: a resume needs no state
+
+
+def test_batch_indexer_visits_every_item_once_per_epoch():
+    n, bs = 10, 4
+    idx = BatchIndexer(n, seed=0)
+    flat = np.concatenate([idx(s, bs) for s in range(5)])  # 20 positions = two epochs, batches straddle them
+    assert sorted(flat[:n].tolist()) == list(range(n))
+    assert sorted(flat[n : 2 * n].tolist()) == list(range(n))
+    assert not np.array_equal(flat[:n], flat[n : 2 * n])  # a new permutation each epoch
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_rank_shares_put_together_equal_the_one_process_batch(grad_accum):
+    cfg = _params(batch_size=8, grad_accum=grad_accum).train
+    gidx = BatchIndexer(16, seed=0)(3, cfg.batch_size)
+    shape, t_max = (1, 16, 32), 1000
+    for micro in range(grad_accum):
+        one = micro_batch_share(cfg, gidx, 3, micro, 0, 1, shape, t_max)
+        shares = [micro_batch_share(cfg, gidx, 3, micro, r, 2, shape, t_max) for r in range(2)]
+        assert all(len(s.indices) == cfg.batch_size // (2 * grad_accum) for s in shares)
+        assert np.array_equal(np.concatenate([s.indices for s in shares]), one.indices)
+        assert torch.equal(torch.cat([s.noise for s in shares]), one.noise)
+        assert torch.equal(torch.cat([s.timesteps for s in shares]), one.timesteps)
+        # and the one-process share is the global draw itself
+        noise, timesteps = draw_noise(3, micro, cfg.seed, (cfg.batch_size // grad_accum, *shape), t_max)
+        assert torch.equal(one.noise, noise) and torch.equal(one.timesteps, timesteps)
+    all_idx = [
+        micro_batch_share(cfg, gidx, 3, m, r, 2, shape, t_max).indices for m in range(grad_accum) for r in (0, 1)
+    ]
+    assert sorted(np.concatenate(all_idx).tolist()) == sorted(gidx.tolist())  # every item once per step
+
+
+def test_noise_differs_between_steps_and_micro_steps():
+    n0, t0 = draw_noise(0, 0, 0, (2, 1, 4, 4), 1000)
+    n1, _ = draw_noise(1, 0, 0, (2, 1, 4, 4), 1000)
+    n2, _ = draw_noise(0, 1, 0, (2, 1, 4, 4), 1000)
+    assert not torch.equal(n0, n1) and not torch.equal(n0, n2)
+    assert t0.min() >= 0 and t0.max() < 1000
+
+
+def test_extras_generator_is_per_rank_and_reproducible():
+    draw = lambda rank: torch.rand(8, generator=extras_generator(0, 5, 0, rank))  # noqa: E731
+    assert torch.equal(draw(0), draw(0))
+    assert not torch.equal(draw(0), draw(1))
+
+
+def test_accumulated_terms_have_every_quartile_key_on_every_rank():
+    acc: dict = {}
+    _accumulate_terms(acc, {"loss": 1.0, "per_item": torch.tensor([2.0, 4.0])}, torch.tensor([10, 20]), 1000)
+    assert set(acc) == {"loss", "loss_t_q1", "loss_t_q2", "loss_t_q3", "loss_t_q4"}  # keys line up for all-reduce
+    assert acc["loss_t_q1"] == (6.0, 2) and acc["loss_t_q4"] == (0.0, 0)
+
+
+# -- checkpoints --------------------------------------------------------------------------------------------------
+
+
+def _fake_checkpoint(folder: Path, name: str, complete: bool) -> Path:
+    p = folder / name
+    p.mkdir(parents=True)
+    if complete:
+        (p / COMPLETE).write_text("ok\n")
+    return p
+
+
+def test_newest_checkpoint_ignores_half_written_ones(tmp_path):
+    assert newest_checkpoint(tmp_path / "missing") is None
+    _fake_checkpoint(tmp_path, "step_00000002", complete=True)
+    want = _fake_checkpoint(tmp_path, "step_00000004", complete=True)
+    _fake_checkpoint(tmp_path, "step_00000006", complete=False)  # renamed but no marker
+    _fake_checkpoint(tmp_path, ".tmp_step_00000008", complete=True)  # never renamed
+    assert newest_checkpoint(tmp_path) == want
+
+
+def test_prune_keeps_the_newest_complete_checkpoints(tmp_path):
+    for step in (2, 4, 6):
+        _fake_checkpoint(tmp_path, f"step_{step:08d}", complete=True)
+    _fake_checkpoint(tmp_path, "step_00000003", complete=False)
+    _fake_checkpoint(tmp_path, ".tmp_step_00000005", complete=False)
+    _prune_checkpoints(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004", "step_00000006"]
+
+
+def test_fingerprint_ignores_layout_and_io_but_not_the_maths():
+    base = run_fingerprint(_params(), "math")
+    assert run_fingerprint(_params(checkpoint_every=1, log_every=3, sample_every=2, num_processes=2), "math") == base
+    assert run_fingerprint(_params(lr=0.01), "math") != base
+    assert run_fingerprint(_params(mixed_precision="bf16"), "math") != base
+
+
+def test_prune_live_drops_rows_and_images_after_the_resume_step(tmp_path):
+    tsv = tmp_path / "plots/metrics/train/loss.tsv"
+    tsv.parent.mkdir(parents=True)
+    tsv.write_text("step\tloss\n1\t0.9\n2\t0.8\n3\t0.7\n")
+    images = tmp_path / "plots/images/samples"
+    images.mkdir(parents=True)
+    for s in (2, 3):
+        (images / f"step_{s:08d}.png").write_bytes(b"png")
+    prune_live_after(tmp_path, 2)
+    assert tsv.read_text() == "step\tloss\n1\t0.9\n2\t0.8\n"
+    assert [p.name for p in images.iterdir()] == ["step_00000002.png"]
+
+
+# -- launch -----------------------------------------------------------------------------------------------------
+
+
+def _parsed(cmd: list[str]):
+    """accelerate's own parser over the flags we build (everything after ``-m accelerate.commands.launch``)."""
+    assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
+    return launch_command_parser().parse_args(cmd[3:])
+
+
+def test_launch_one_cpu_process():
+    params = _params()
+    cmd = launch_command(params, "stages/train.py", ["--domain", "math"], plan=preflight(params, gpus=0))
+    args = _parsed(cmd)
+    assert args.cpu and not args.multi_gpu and args.num_processes == 1 and args.mixed_precision == "no"
+    assert args.training_script == "stages/train.py" and args.training_script_args == ["--domain", "math"]
+
+
+def test_launch_two_cpu_processes_use_multi_gpu_flag_with_gloo():
+    params = _params(num_processes=2)
+    plan = preflight(params, gpus=0)
+    args = _parsed(launch_command(params, "train.py", [], plan=plan))
+    assert args.multi_gpu and not args.cpu and args.num_processes == 2 and args.main_process_port == 0
+    assert plan.cpu and launch_env(plan, {})["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def test_launch_gpus_with_bf16():
+    params = _params(num_processes=4, mixed_precision="bf16")
+    plan = preflight(params, gpus=8, bf16_supported=True)
+    args = _parsed(launch_command(params, "train.py", [], plan=plan))
+    assert args.multi_gpu and args.num_processes == 4 and args.mixed_precision == "bf16"
+    assert not plan.cpu and "CUDA_VISIBLE_DEVICES" not in launch_env(plan, {})
+    one = _parsed(launch_command(_params(), "train.py", [], plan=preflight(_params(), gpus=1)))
+    assert not one.cpu and not one.multi_gpu and one.num_processes == 1
+
+
+def test_launch_from_config_file_passes_machine_rank(monkeypatch):
+    config = REPO / "configs/accelerate/2_nodes_8_gpus.yaml"
+    params = _params(accelerate_config=str(config), batch_size=64)
+    monkeypatch.setenv(MACHINE_RANK_ENV, "1")
+    plan = preflight(params, gpus=8, bf16_supported=True)
+    assert plan == LaunchPlan(processes=16, machines=2, cpu=False, mixed_precision="no", config_file=str(config))
+    args = _parsed(launch_command(params, "train.py", ["--x"], plan=plan))
+    assert args.config_file == str(config) and args.machine_rank == 1 and args.num_processes is None
+    assert args.mixed_precision == "no"  # params decide, not the file
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs/accelerate").glob("*.yaml")))
+def test_example_accelerate_configs_load(name):
+    cfg = load_config_from_file(str(REPO / "configs/accelerate" / name))  # accelerate's own loader
+    assert cfg.num_processes >= 2 and cfg.distributed_type in ("MULTI_GPU", "MULTI_CPU")
+    assert cfg.num_processes % cfg.num_machines == 0
