@@ -3,9 +3,12 @@
 Layout written under ``out_dir``::
 
     images/<id>.png        one gold image per rendered item (uint8, HxW gray or HxWx3 RGB)
+    layouts/<id>.json      boxes of the item's markup segments, where the engine gives them (data/layouts.py)
+    layouts.jsonl          {"id", "boxes"} of every rendered item with a layout, in split order
     {train,val,test}.jsonl {"id", "markup", "image": "images/<id>.png"} for rendered items, input order
     rejects.jsonl          {"id", "split", "reason", "detail"}
-    render_report.json     counts per split and per reason; total == rendered + rejected
+    render_report.json     counts per split and per reason; total == rendered + rejected;
+                           "layouts": {"with", "without"} over rendered items (gold images have none)
     .render_journal.jsonl  one line per finished item (resume state, sorted by id when the run completes)
     .render_state.json     the renderer settings the journal belongs to
 
@@ -45,6 +48,7 @@ import numpy as np
 from tqdm import tqdm
 
 from markup2image.config import DomainConfig, Params
+from markup2image.data.layouts import LAYOUTS_DIR, LAYOUTS_JSONL, layout_path, write_layout
 from markup2image.data.renderers import (
     REJECT_REASONS,
     SELF_TIMED_ENGINES,
@@ -53,14 +57,14 @@ from markup2image.data.renderers import (
     iter_render_batch,
     place_top_left,
 )
-from markup2image.io import load_image, read_jsonl, save_png, write_json, write_jsonl
+from markup2image.io import load_image, read_json, read_jsonl, save_png, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 JOURNAL = ".render_journal.jsonl"
 STATE = ".render_state.json"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: layouts/ written beside images/ (older outputs are rendered again once)
 RETRY_REASONS = frozenset({"renderer_missing"})
 # Between two results of one batch the watchdog allows timeout * WATCHDOG_FACTOR + WATCHDOG_SLACK_S seconds.
 WATCHDOG_FACTOR = 1.5
@@ -68,7 +72,7 @@ WATCHDOG_SLACK_S = 10.0
 
 # (id, markup, gold path or "") — what a worker gets
 Item = tuple[str, str, str]
-# ("ok", id, gold: bool) | ("reject", id, reason, detail) | ("done",)
+# ("ok", id, gold: bool, layout boxes: int) | ("reject", id, reason, detail) | ("done",)
 Message = tuple[Any, ...]
 
 
@@ -132,7 +136,7 @@ def _process_batch(job: _Job, items: list[Item]) -> Iterator[Message]:
             yield ("reject", item_id, "crash", f"gold image {gold}: {type(exc).__name__}: {exc}")
             continue
         save_png(job.images_dir / f"{item_id}.png", image)
-        yield ("ok", item_id, True)
+        yield ("ok", item_id, True, write_layout(job.images_dir.parent, item_id, None))  # a gold image has none
     for res in iter_render_batch(job.domain, to_render, job.cfg, job.timeout):
         if res.image is None:
             yield ("reject", res.id, res.reason or "crash", res.detail)
@@ -143,7 +147,7 @@ def _process_batch(job: _Job, items: list[Item]) -> Iterator[Message]:
             yield ("reject", res.id, exc.reason, exc.detail)
             continue
         save_png(job.images_dir / f"{res.id}.png", res.image)
-        yield ("ok", res.id, False)
+        yield ("ok", res.id, False, write_layout(job.images_dir.parent, res.id, res.layout))
 
 
 def _worker_main(conn: Connection, job: _Job) -> None:
@@ -352,6 +356,24 @@ def _load_done(out_dir: Path, domain: str, cfg: DomainConfig, wanted: dict[str, 
     return done
 
 
+def _write_layouts(out_dir: Path, splits: dict[str, list[dict[str, Any]]], done: dict[str, dict[str, Any]]) -> dict:
+    """Gather ``layouts/<id>.json`` of rendered items into ``layouts.jsonl``, drop the others; count with/without."""
+    rendered = [row["id"] for rows in splits.values() for row in rows if done[row["id"]]["status"] == "rendered"]
+    rows = []
+    for item_id in rendered:
+        path = layout_path(out_dir, item_id)
+        if path.exists():
+            rows.append({"id": item_id, "boxes": read_json(path)["boxes"]})
+    write_jsonl(out_dir / LAYOUTS_JSONL, rows)
+    layouts_dir = out_dir / LAYOUTS_DIR
+    if layouts_dir.exists():
+        keep = set(rendered)
+        for path in layouts_dir.iterdir():
+            if path.name.startswith(".") or (path.suffix == ".json" and path.stem not in keep):
+                path.unlink(missing_ok=True)
+    return {"with": len(rows), "without": len(rendered) - len(rows)}
+
+
 def _clean_images(images_dir: Path, keep: set[str]) -> None:
     """Drop temp files of killed writes and images of items that are no longer rendered."""
     for path in images_dir.iterdir():
@@ -432,7 +454,7 @@ def render_corpus(domain: str, params: Params, in_dir: Path, out_dir: Path, prog
         for msg in messages:
             item_id = msg[1]
             if msg[0] == "ok":
-                rec = {"id": item_id, "status": "rendered", "gold": msg[2]}
+                rec = {"id": item_id, "status": "rendered", "gold": msg[2], "boxes": msg[3]}
             else:
                 rec = {"id": item_id, "status": "rejected", "reason": msg[2], "detail": str(msg[3])[:500]}
             rec["markup_hash"] = markup_hash(markups[item_id])
@@ -491,13 +513,15 @@ def _write_outputs(
         "items_per_s": round(rendered_now / seconds, 2) if seconds > 0 and rendered_now else None,
     }
     write_jsonl(out_dir / "rejects.jsonl", rejects)
+    report["layouts"] = _write_layouts(out_dir, splits, done)
     # compact the journal: only this corpus's items, sorted, so a finished output folder is deterministic
     wanted = {row["id"] for rows in splits.values() for row in rows}
     write_jsonl(out_dir / JOURNAL, (done[i] for i in sorted(wanted)))
     _clean_images(out_dir / "images", {i for i in wanted if done[i]["status"] == "rendered"})
     write_json(out_dir / "render_report.json", report)
     log.info(
-        "render %s: %d rendered (%d gold), %d rejected %s -> %s",
-        domain, report["rendered"], report["gold"], report["rejected"], report["reasons"], out_dir,
+        "render %s: %d rendered (%d gold, %d with layouts), %d rejected %s -> %s",
+        domain, report["rendered"], report["gold"], report["layouts"]["with"], report["rejected"], report["reasons"],
+        out_dir,
     )  # fmt: skip
     return report

@@ -43,6 +43,7 @@ class RenderResult:
     image: np.ndarray | None = None
     reason: str | None = None
     detail: str = ""
+    layout: list[dict] | None = None  # boxes of markup segments (markup2image.data.layouts) where the engine has them
 
     @property
     def ok(self) -> bool:
@@ -51,7 +52,9 @@ class RenderResult:
 
 class Engine(Protocol):
     """A renderer. ``render`` draws one markup; ``iter_batch`` yields one result per item, in any order, as soon
-    as each is known (batch-capable engines run many items per external call)."""
+    as each is known (batch-capable engines run many items per external call). Engines that can say where each
+    markup segment landed also have ``render_with_layout(markup, cfg) -> (image, boxes | None)`` (single-item) or
+    fill :attr:`RenderResult.layout` (batch); see :mod:`markup2image.data.layouts`."""
 
     name: str
 
@@ -80,7 +83,11 @@ class SingleItemEngine:
 def safe_render(engine: Engine, item_id: str, markup: str, cfg: DomainConfig) -> RenderResult:
     """``engine.render`` with every failure turned into a :class:`RenderResult` (unexpected ones as ``crash``)."""
     try:
-        return RenderResult(item_id, image=engine.render(markup, cfg))
+        with_layout = getattr(engine, "render_with_layout", None)
+        if with_layout is None:
+            return RenderResult(item_id, image=engine.render(markup, cfg))
+        image, layout = with_layout(markup, cfg)
+        return RenderResult(item_id, image=image, layout=layout)
     except RenderError as exc:
         return RenderResult(item_id, reason=exc.reason, detail=exc.detail)
     except Exception as exc:  # noqa: BLE001 - a renderer bug must cost one item, not the corpus
@@ -120,6 +127,14 @@ def place_top_left(image: np.ndarray, cfg: DomainConfig, margin: int = MARGIN) -
     Returns uint8 [H,W] for ``cfg.channels == 1`` else [H,W,3]. Raises ``RenderError("empty")`` for an inkless
     render and ``RenderError("overflow")`` when the ink does not fit.
     """
+    return place_top_left_with_offset(image, cfg, margin)[0]
+
+
+def place_top_left_with_offset(
+    image: np.ndarray, cfg: DomainConfig, margin: int = MARGIN
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """:func:`place_top_left` plus the ``(dx, dy)`` that moves a pixel of ``image`` to its place on the canvas
+    (layout boxes are measured on the engine's raw drawing and shifted by it)."""
     box = ink_box(image)
     if box is None:
         raise RenderError("empty", "the render has no ink")
@@ -142,4 +157,4 @@ def place_top_left(image: np.ndarray, cfg: DomainConfig, margin: int = MARGIN) -
             crop = np.rint(crop[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
         canvas = np.full((cfg.height, cfg.width, 3), 255, dtype=np.uint8)
     canvas[margin : margin + h, margin : margin + w] = crop
-    return canvas
+    return canvas, (margin - left, margin - top)

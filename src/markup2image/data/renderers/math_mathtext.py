@@ -14,7 +14,12 @@ import threading
 import numpy as np
 
 from markup2image.config import DomainConfig
-from markup2image.data.renderers.base import RenderError, SingleItemEngine, place_top_left
+from markup2image.data.renderers.base import (
+    RenderError,
+    SingleItemEngine,
+    place_top_left,
+    place_top_left_with_offset,
+)
 
 DEFAULT_DPI = 105.0
 _lock = threading.Lock()  # rc_context is global state
@@ -29,12 +34,18 @@ def compact_latex(markup: str) -> str:
     TeX ignores spaces in math except as the end of a control word, but mathtext does not (``x _ { i }`` is not a
     subscript there), so spaces are dropped except between a control word and a following letter.
     """
-    out = ""
+    return compact_latex_with_starts(markup)[0]
+
+
+def compact_latex_with_starts(markup: str) -> tuple[str, list[int]]:
+    """:func:`compact_latex` and where each whitespace token of ``markup`` starts in its output (for layouts)."""
+    out, starts = "", []
     for tok in markup.split():
         if out and _CONTROL_WORD_END.search(out) and tok[0].isalpha():
             out += " "
+        starts.append(len(out))
         out += tok
-    return out
+    return out, starts
 
 
 def display_style(markup: str) -> str:
@@ -59,6 +70,7 @@ class MathtextEngine(SingleItemEngine):
         from matplotlib.mathtext import MathTextParser
 
         self._parser = MathTextParser("agg")
+        self._locating = None  # a LocatingMathtextParser for layouts, built on first use
         self._font = FontProperties
         self._matplotlib = matplotlib
 
@@ -82,3 +94,27 @@ class MathtextEngine(SingleItemEngine):
         if coverage.size == 0 or not coverage.any():
             raise RenderError("empty", "the formula draws no ink")
         return place_top_left(255 - coverage, cfg)
+
+    def render_with_layout(self, markup: str, cfg: DomainConfig) -> tuple[np.ndarray, list | None]:
+        """:meth:`render` (the same pixels) and one box per whitespace token that draws ink
+        (:mod:`markup2image.data.layouts`)."""
+        from markup2image.data.layouts import LocatingMathtextParser, math_boxes
+
+        text = markup.strip()
+        if not text:
+            raise RenderError("empty", "the markup is empty")
+        if "$" in text:
+            raise RenderError("parse_error", "a '$' inside the formula would end math mode")
+        dpi = getattr(cfg, "dpi", 0.0) or DEFAULT_DPI
+        formula, starts = compact_latex_with_starts(display_style(text))
+        with _lock, self._matplotlib.rc_context({"mathtext.fontset": "cm"}):
+            if self._locating is None:
+                self._locating = LocatingMathtextParser()
+            try:
+                coverage, items = self._locating.render(formula, self._font(size=cfg.font_size), dpi)
+            except ValueError as exc:
+                raise RenderError("parse_error", " ".join(str(exc).split())[:300]) from exc
+        if coverage.size == 0 or not coverage.any():
+            raise RenderError("empty", "the formula draws no ink")
+        image, offset = place_top_left_with_offset(255 - coverage, cfg)
+        return image, math_boxes(markup, items, starts, offset, (cfg.height, cfg.width))

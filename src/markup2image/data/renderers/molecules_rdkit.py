@@ -13,7 +13,13 @@ import math
 import numpy as np
 
 from markup2image.config import DomainConfig
-from markup2image.data.renderers.base import MARGIN, RenderError, SingleItemEngine, place_top_left
+from markup2image.data.renderers.base import (
+    MARGIN,
+    RenderError,
+    SingleItemEngine,
+    place_top_left,
+    place_top_left_with_offset,
+)
 
 BOND_LENGTH_PX = 11.0  # drawn length of one bond: ~90% of MOSES molecules (~25 heavy atoms) fit 128x128
 DEPICTION_BOND_ANGSTROM = 1.5  # RDKit lays bonds out 1.5 units long; fixedBondLength is pixels per unit
@@ -36,6 +42,32 @@ class RdkitEngine(SingleItemEngine):
 
     def render(self, markup: str, cfg: DomainConfig) -> np.ndarray:
         """uint8 [H,W,3] (or [H,W] for channels=1) depiction of the SMILES ``markup``."""
+        return place_top_left(self._depict(markup, cfg)[0], cfg)
+
+    def render_with_layout(self, markup: str, cfg: DomainConfig) -> tuple[np.ndarray, list | None]:
+        """:meth:`render` and one box per atom (:mod:`markup2image.data.layouts`): the atom's label extent (from an
+        SVG drawing with the same settings) and a square around ``GetDrawCoords``, paired with its SMILES token."""
+        from markup2image.data.layouts import molecule_boxes, svg_atom_label_extents
+
+        rgb, drawer, mol = self._depict(markup, cfg)
+        image, offset = place_top_left_with_offset(rgb, cfg)
+        svg = self._draw.MolDraw2DSVG(cfg.width + SLACK_PX, cfg.height + SLACK_PX)
+        self._options(svg)
+        self._draw.PrepareAndDrawMolecule(svg, mol)
+        svg.FinishDrawing()
+        centres = [(p.x, p.y) for p in map(drawer.GetDrawCoords, range(mol.GetNumAtoms()))]
+        labels = svg_atom_label_extents(svg.GetDrawingText())
+        size = (cfg.height, cfg.width)
+        return image, molecule_boxes(markup.strip(), mol, centres, labels, BOND_LENGTH_PX, offset, size)
+
+    @staticmethod
+    def _options(drawer: object) -> None:
+        options = drawer.drawOptions()  # type: ignore[attr-defined]
+        options.fixedBondLength = BOND_LENGTH_PX / DEPICTION_BOND_ANGSTROM
+        options.padding = 0.0
+
+    def _depict(self, markup: str, cfg: DomainConfig) -> tuple[np.ndarray, object, object]:
+        """The RGB drawing ``[H + slack, W + slack, 3]`` (before placement), its drawer and the molecule."""
         smiles = markup.strip()
         if not smiles:
             raise RenderError("empty", "the SMILES is empty")
@@ -47,9 +79,7 @@ class RdkitEngine(SingleItemEngine):
         if mol.GetNumAtoms() == 0:
             raise RenderError("empty", "the SMILES has no atoms")
         drawer = self._draw.MolDraw2DCairo(cfg.width + SLACK_PX, cfg.height + SLACK_PX)
-        options = drawer.drawOptions()
-        options.fixedBondLength = BOND_LENGTH_PX / DEPICTION_BOND_ANGSTROM
-        options.padding = 0.0
+        self._options(drawer)
         self._draw.PrepareAndDrawMolecule(drawer, mol)
         drawer.FinishDrawing()
         scale = self._drawn_bond_length(drawer, mol)
@@ -61,7 +91,7 @@ class RdkitEngine(SingleItemEngine):
             )
         png = np.frombuffer(drawer.GetDrawingText(), dtype=np.uint8)
         rgb = self._cv2.imdecode(png, self._cv2.IMREAD_COLOR)[..., ::-1]  # BGR -> RGB
-        return place_top_left(np.ascontiguousarray(rgb), cfg)
+        return np.ascontiguousarray(rgb), drawer, mol
 
     @staticmethod
     def _drawn_bond_length(drawer: object, mol: object) -> float | None:

@@ -16,7 +16,8 @@ from html.parser import HTMLParser
 import numpy as np
 
 from markup2image.config import DomainConfig
-from markup2image.data.renderers.base import RenderError, RenderResult, place_top_left
+from markup2image.data.layouts import table_boxes, weasyprint_cell_boxes
+from markup2image.data.renderers.base import RenderError, RenderResult, place_top_left_with_offset
 from markup2image.data.renderers.tools import BatchOutcome, bisect_batches
 
 log = logging.getLogger(__name__)
@@ -121,8 +122,8 @@ class WeasyprintEngine:
         body = "".join(f'<div class="m2i-item">{markup}</div>' for _, markup in chunk)
         style = CSS.format(page=PAGE_PX, size=cfg.font_size)
         html = f"<html><head><style>{style}</style></head><body>{body}</body></html>"
-        pdf = self._weasyprint.HTML(string=html, url_fetcher=_refuse_fetch).write_pdf(presentational_hints=True)
-        doc = self._pdfium.PdfDocument(pdf)
+        document = self._weasyprint.HTML(string=html, url_fetcher=_refuse_fetch).render(presentational_hints=True)
+        doc = self._pdfium.PdfDocument(document.write_pdf())
         try:
             if len(doc) != len(chunk):
                 if len(chunk) == 1:
@@ -131,11 +132,15 @@ class WeasyprintEngine:
                 return [], [[it] for it in chunk]
             scale = (cfg.dpi or DEFAULT_DPI) / 72.0
             results = []
-            for (item_id, _), page in zip(chunk, doc, strict=True):
+            for (item_id, markup), page, layout_page in zip(chunk, doc, document.pages, strict=True):
                 gray = page.render(scale=scale, grayscale=True).to_numpy()
                 gray = gray[..., 0] if gray.ndim == 3 else gray
                 try:
-                    results.append(RenderResult(item_id, image=place_top_left(np.ascontiguousarray(gray), cfg)))
+                    image, offset = place_top_left_with_offset(np.ascontiguousarray(gray), cfg)
+                    # cell boxes from the page's layout tree; CSS px -> pixels at the render scale (dpi / 96)
+                    cells = weasyprint_cell_boxes(layout_page._page_box, scale * 72.0 / 96.0)
+                    layout = table_boxes(markup, cells, offset, (cfg.height, cfg.width))
+                    results.append(RenderResult(item_id, image=image, layout=layout))
                 except RenderError as exc:
                     results.append(RenderResult(item_id, reason=exc.reason, detail=exc.detail))
             return results, []
