@@ -170,6 +170,25 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class HcmaConfig:
+    """HCMA adaptation (design §8): global and local (layout) image-markup alignment, sampling-time guidance.
+
+    A module whose weight is 0 is not built (no parameters); guidance needs the module it uses."""
+
+    global_weight: float = 0.0  # weight of L_global = 1 - cos(ViT [CLS] of y_t, pooled markup) in the train loss
+    local_weight: float = 0.0  # weight of L_local = mean over boxes of 1 - cos(box feature, segment markup)
+    guidance_global: float = 0.0  # sampling: scale of grad_x L_global added to eps (classifier guidance)
+    guidance_local: float = 0.0  # sampling: scale of grad_x L_local (needs a layout)
+    patch_size: int = 8  # ViT patch side in pixels; must divide the image height and width
+    dim: int = 128  # ViT width
+    layers: int = 2  # ViT depth
+    heads: int = 4
+    fourier_bands: int = 8  # frequencies per box coordinate in the Fourier box embedding
+    max_boxes: int = 32  # boxes per image kept in a batch (the first ones, in layout order)
+    detach_text: bool = True  # align the image side to the markup features without moving the markup encoder
+
+
+@dataclass(frozen=True)
 class Params:
     """All of ``params.yaml``."""
 
@@ -186,6 +205,7 @@ class Params:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    hcma: HcmaConfig = field(default_factory=HcmaConfig)
 
     def domain_config(self, domain: str) -> DomainConfig:
         if domain not in self.domain:
@@ -338,6 +358,24 @@ def validate(p: Params) -> None:
     check_batch_split(t, t.num_processes)
     if p.evaluate.steps < 1:
         raise ConfigError("evaluate.steps: must be at least 1")
+    _validate_hcma(p)
+
+
+def _validate_hcma(p: Params) -> None:
+    h = p.hcma
+    for key in ("global_weight", "local_weight", "guidance_global", "guidance_local"):
+        if getattr(h, key) < 0:
+            raise ConfigError(f"hcma.{key}: must be 0 or more, got {getattr(h, key)}")
+    if not (h.global_weight or h.local_weight):
+        return
+    if h.dim % h.heads:
+        raise ConfigError(f"hcma.dim: {h.dim} is not divisible by hcma.heads={h.heads}")
+    for d in p.domains:
+        dc = p.domain_config(d)
+        if dc.height % h.patch_size or dc.width % h.patch_size:
+            raise ConfigError(
+                f"hcma.patch_size: {h.patch_size} does not divide domain.{d}'s {dc.height}x{dc.width} images"
+            )
 
 
 def to_dict(p: Any) -> Any:
