@@ -1,0 +1,387 @@
+"""HCMA for markup (design §8): global and local image-markup alignment on the noisy image ``y_t``.
+
+Adapted from "Hierarchical Cross-modal Alignment for Grounded Text-to-Image Generation" (HCMA, 2025):
+
+* **Global alignment.** A small ViT reads the patches of ``y_t`` (timestep embedding added to every token) with a
+  [CLS] token; an MLP maps [CLS] to the markup feature size ``D``. ``L_global = 1 - cos(g, t_bar)`` with ``t_bar``
+  the masked mean of the markup features ``t [B, N, D]`` over valid tokens.
+* **Local alignment.** Each layout box ``k`` (a markup segment, :mod:`markup2image.data.layouts`) gets a Fourier
+  embedding of its coordinates, fused with every patch feature (``GELU(W_p v_p + W_b e_k)``) and mean-pooled over
+  the patches whose centres fall inside the box (a box too small to hold a patch centre uses the patch under its
+  own centre, so no box is empty); an MLP projects the pooled feature to ``D``.
+  ``L_local = mean over valid boxes of 1 - cos(f_k, s_k)``, ``s_k`` the mean markup feature of the segment's tokens.
+* Both losses share the ViT. ``hcma.global_weight`` / ``hcma.local_weight`` weight them in the training loss; a
+  head whose weight is 0 is not built, and with both at 0 :func:`build_hcma` returns None (no parameters at all).
+* With ``hcma.detach_text`` (default) the markup features are a fixed target here: the alignment trains the image
+  side and cannot pull the markup encoder towards a collapsed, trivially alignable representation.
+
+Segments -> markup tokens. A box names its segment by character offsets ``chars`` (or whitespace tokens ``span``).
+The BPE tokenizer's ids are not 1:1 with whitespace tokens (it merges within words, splits a SMILES into pieces and
+adds ``[BOS]``/``[EOS]``), so :func:`layout_batch` maps characters to token positions through the tokenizer's
+``offsets``: token ``n`` belongs to box ``k`` when its character range overlaps the segment's, special tokens never
+do. A segment whose tokens were all truncated away is masked out.
+
+The module is saved beside the denoiser (``hcma_config.json`` + ``hcma.safetensors`` in the model folder,
+:func:`save_hcma` / :func:`load_hcma`), so sampling-time guidance (:mod:`markup2image.diffusion.guidance`) finds it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.embeddings import get_timestep_embedding
+from torch import nn
+
+from markup2image.config import DomainConfig, HcmaConfig
+from markup2image.data.layouts import LayoutBox, whitespace_token_chars
+from markup2image.io import atomic_open
+
+__all__ = [
+    "HCMA_CONFIG",
+    "HCMA_WEIGHTS",
+    "GlobalAlignmentHead",
+    "HcmaModule",
+    "LayoutBatch",
+    "LocalAlignmentHead",
+    "NoisyImageViT",
+    "build_hcma",
+    "fourier_box_embedding",
+    "global_alignment_loss",
+    "hcma_loss",
+    "layout_batch",
+    "load_hcma",
+    "local_alignment_loss",
+    "masked_mean",
+    "save_hcma",
+]
+
+HCMA_CONFIG = "hcma_config.json"
+HCMA_WEIGHTS = "hcma.safetensors"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# layouts as tensors
+
+
+@dataclass
+class LayoutBatch:
+    """Layout boxes of a batch.
+
+    boxes: ``[B, K, 4]`` float (x0, y0, x1, y1) as fractions of the image width/height;
+    box_mask: ``[B, K]`` bool, True for a real box with at least one markup token;
+    segment_mask: ``[B, K, N]`` bool, True where markup token ``n`` belongs to box ``k``'s segment.
+    """
+
+    boxes: torch.Tensor
+    box_mask: torch.Tensor
+    segment_mask: torch.Tensor
+
+    def to(self, device: torch.device | str) -> LayoutBatch:
+        return LayoutBatch(self.boxes.to(device), self.box_mask.to(device), self.segment_mask.to(device))
+
+
+def _segment_chars(markup: str, box: LayoutBox) -> tuple[int, int]:
+    if "chars" in box:
+        return int(box["chars"][0]), int(box["chars"][1])
+    toks = whitespace_token_chars(markup)
+    w0, w1 = int(box["span"][0]), int(box["span"][1])
+    if not 0 <= w0 < w1 <= len(toks):
+        raise ValueError(f"layout span {[w0, w1]} is outside the {len(toks)} whitespace tokens of {markup[:60]!r}")
+    return toks[w0][0], toks[w1 - 1][1]
+
+
+def layout_batch(
+    layouts: Sequence[Sequence[LayoutBox] | None],
+    markups: Sequence[str],
+    tokenizer: Any,
+    num_tokens: int,
+    image_size: tuple[int, int],
+    max_boxes: int,
+) -> LayoutBatch:
+    """Boxes of each item (None or [] = no layout) -> a :class:`LayoutBatch` over ``num_tokens`` token positions.
+
+    ``tokenizer`` is the ``tokenizers.Tokenizer`` that made the ids (``encode(markup)`` must give the same ids,
+    truncated to ``num_tokens``); ``image_size = (height, width)`` in pixels. At most ``max_boxes`` per item.
+    """
+    h, w = image_size
+    b_size = len(markups)
+    k_size = max(1, min(max_boxes, max((len(x or []) for x in layouts), default=0)))
+    boxes = torch.zeros(b_size, k_size, 4)
+    box_mask = torch.zeros(b_size, k_size, dtype=torch.bool)
+    segment_mask = torch.zeros(b_size, k_size, num_tokens, dtype=torch.bool)
+    for i, (layout, markup) in enumerate(zip(layouts, markups, strict=True)):
+        if not layout:
+            continue
+        enc = tokenizer.encode(markup)
+        offsets = torch.tensor(enc.offsets[:num_tokens], dtype=torch.long).reshape(-1, 2)  # (n, 2) characters
+        plain = torch.tensor(enc.special_tokens_mask[:num_tokens], dtype=torch.long) == 0  # (n,)
+        n = offsets.shape[0]
+        for k, box in enumerate(layout[:k_size]):
+            c0, c1 = _segment_chars(markup, box)
+            x0, y0, x1, y1 = box["box"]
+            boxes[i, k] = torch.tensor([x0 / w, y0 / h, x1 / w, y1 / h], dtype=torch.float32)
+            segment_mask[i, k, :n] = plain & (offsets[:, 0] < c1) & (offsets[:, 1] > c0)
+            box_mask[i, k] = bool(segment_mask[i, k].any()) and x1 > x0 and y1 > y0
+    return LayoutBatch(boxes, box_mask, segment_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# modules
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """Mean of ``x`` over ``dim`` where ``mask`` (broadcastable, 0/1 or bool) is set; 0 where nothing is set."""
+    m = mask.to(x.dtype)
+    return (x * m).sum(dim) / m.sum(dim).clamp(min=1.0)
+
+
+def fourier_box_embedding(boxes: torch.Tensor, bands: int) -> torch.Tensor:
+    """``[..., 4]`` boxes in [0, 1] -> ``[..., 8 * bands]``: sin and cos of ``2^j pi x``, j < bands, per coordinate."""
+    freqs = math.pi * 2.0 ** torch.arange(bands, device=boxes.device, dtype=boxes.dtype)  # (F,)
+    angles = boxes[..., None] * freqs  # (..., 4, F)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)  # (..., 4 * 2F)
+
+
+class NoisyImageViT(nn.Module):
+    """A small ViT over ``y_t``: ``[B, C, H, W]`` + timesteps ``[B]`` -> [CLS] ``[B, d]``, patches ``[B, P, d]``.
+
+    ``centres`` (buffer ``[P, 2]``): each patch centre (x, y) as fractions of the width/height, row-major.
+    """
+
+    def __init__(self, *, image: DomainConfig, patch_size: int, dim: int, layers: int, heads: int) -> None:
+        super().__init__()
+        if image.height % patch_size or image.width % patch_size:
+            raise ValueError(f"hcma.patch_size: {patch_size} does not divide the {image.height}x{image.width} image")
+        self.grid = (image.height // patch_size, image.width // patch_size)  # (Hp, Wp)
+        self.dim = dim
+        num_patches = self.grid[0] * self.grid[1]
+        self.patch_embedding = nn.Conv2d(image.channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.position_embedding = nn.Parameter(torch.randn(1, num_patches + 1, dim) * 0.02)
+        self.time_mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        layer = nn.TransformerEncoderLayer(
+            d_model=dim, nhead=heads, dim_feedforward=4 * dim, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, num_layers=layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        ys = (torch.arange(self.grid[0]) + 0.5) / self.grid[0]
+        xs = (torch.arange(self.grid[1]) + 0.5) / self.grid[1]
+        cy, cx = torch.meshgrid(ys, xs, indexing="ij")
+        self.register_buffer("centres", torch.stack([cx.flatten(), cy.flatten()], dim=-1), persistent=False)
+
+    def forward(self, sample: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b = sample.shape[0]
+        patches = self.patch_embedding(sample).flatten(2).transpose(1, 2)  # (B, P, d)
+        tokens = torch.cat([self.cls_token.expand(b, -1, -1), patches], dim=1) + self.position_embedding
+        t_emb = get_timestep_embedding(timesteps.expand(b), self.dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        tokens = tokens + self.time_mlp(t_emb.to(tokens.dtype))[:, None]  # (B, 1 + P, d)
+        h = self.norm(self.encoder(tokens))
+        return h[:, 0], h[:, 1:]
+
+
+class GlobalAlignmentHead(nn.Module):
+    """[CLS] ``[B, d]`` -> ``g [B, D]``."""
+
+    def __init__(self, dim: int, text_dim: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, text_dim))
+
+    def forward(self, cls: torch.Tensor) -> torch.Tensor:
+        return self.mlp(cls)
+
+
+class LocalAlignmentHead(nn.Module):
+    """Patches ``[B, P, d]`` + boxes ``[B, K, 4]`` -> box features ``f [B, K, D]``."""
+
+    def __init__(self, dim: int, text_dim: int, bands: int) -> None:
+        super().__init__()
+        self.bands = bands
+        self.box_mlp = nn.Sequential(nn.Linear(8 * bands, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.patch_proj = nn.Linear(dim, dim)
+        self.out = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, text_dim))
+
+    @staticmethod
+    def membership(centres: torch.Tensor, boxes: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """``[B, K, P]`` bool: patch centre inside the box, or (for a box holding no centre) the patch under the
+        box's own centre."""
+        cx, cy = centres[:, 0], centres[:, 1]  # (P,)
+        x0, y0, x1, y1 = (boxes[..., i, None] for i in range(4))  # (B, K, 1)
+        inside = (cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)  # (B, K, P)
+        hp, wp = grid
+        col = ((x0 + x1) / 2 * wp).floor().clamp(0, wp - 1)
+        row = ((y0 + y1) / 2 * hp).floor().clamp(0, hp - 1)
+        own = torch.arange(hp * wp, device=boxes.device) == (row * wp + col).long()  # (B, K, P)
+        return inside | (own & ~inside.any(-1, keepdim=True))
+
+    def forward(
+        self, patches: torch.Tensor, centres: torch.Tensor, boxes: torch.Tensor, grid: tuple[int, int]
+    ) -> torch.Tensor:
+        e = self.box_mlp(fourier_box_embedding(boxes, self.bands))  # (B, K, d)
+        fused = F.gelu(self.patch_proj(patches)[:, None] + e[:, :, None])  # (B, K, P, d)
+        member = self.membership(centres, boxes, grid)  # (B, K, P)
+        pooled = masked_mean(fused, member[..., None], dim=2)  # (B, K, d)
+        return self.out(pooled)
+
+
+def global_alignment_loss(g: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per item ``1 - cos(g_b, t_bar_b)`` ``[B]``; ``g [B, D]``, ``hidden [B, N, D]``, ``mask [B, N]``."""
+    pooled = masked_mean(hidden, mask[..., None], dim=1)  # (B, D)
+    return 1.0 - F.cosine_similarity(g, pooled, dim=-1)
+
+
+def local_alignment_loss(
+    f: torch.Tensor, hidden: torch.Tensor, layout: LayoutBatch
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per item sum over valid boxes of ``1 - cos(f_k, s_k)`` ``[B]`` and the number of valid boxes ``[B]``.
+
+    ``f [B, K, D]``; ``s_k`` = mean of ``hidden [B, N, D]`` over ``layout.segment_mask [B, K, N]``.
+    """
+    seg = layout.segment_mask.to(hidden.dtype)  # (B, K, N)
+    s = torch.einsum("bkn,bnd->bkd", seg, hidden) / seg.sum(-1, keepdim=True).clamp(min=1.0)  # (B, K, D)
+    valid = layout.box_mask.to(hidden.dtype)  # (B, K)
+    per_box = 1.0 - F.cosine_similarity(f, s, dim=-1)  # (B, K)
+    return (per_box * valid).sum(-1), valid.sum(-1)
+
+
+class HcmaModule(nn.Module):
+    """The ViT shared by both alignments, the global head (``hcma.global_weight > 0``) and the local head
+    (``hcma.local_weight > 0``). ``text_dim``: the markup feature size ``D``."""
+
+    def __init__(self, cfg: HcmaConfig, *, image: DomainConfig, text_dim: int) -> None:
+        super().__init__()
+        if not (cfg.global_weight > 0 or cfg.local_weight > 0):
+            raise ValueError("hcma.global_weight / hcma.local_weight: both are 0, so there is no HCMA module to build")
+        self.cfg, self.image, self.text_dim = cfg, image, text_dim
+        self.vit = NoisyImageViT(
+            image=image, patch_size=cfg.patch_size, dim=cfg.dim, layers=cfg.layers, heads=cfg.heads
+        )
+        self.global_head = GlobalAlignmentHead(cfg.dim, text_dim) if cfg.global_weight > 0 else None
+        self.local_head = LocalAlignmentHead(cfg.dim, text_dim, cfg.fourier_bands) if cfg.local_weight > 0 else None
+
+    def alignment_losses(
+        self,
+        sample: torch.Tensor,
+        timesteps: torch.Tensor,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        layout: LayoutBatch | None = None,
+        *,
+        use_global: bool = True,
+        use_local: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """Per-item terms: ``global [B]`` (needs the global head), ``local_sum [B]`` and ``local_count [B]`` (need
+        the local head and a layout). ``sample`` ``y_t [B, C, H, W]``, ``timesteps [B]``, ``hidden [B, N, D]``."""
+        if self.cfg.detach_text:
+            hidden = hidden.detach()
+        cls, patches = self.vit(sample, timesteps)
+        out: dict[str, torch.Tensor] = {}
+        if use_global and self.global_head is not None:
+            out["global"] = global_alignment_loss(self.global_head(cls), hidden, mask)
+        if use_local and self.local_head is not None and layout is not None:
+            f = self.local_head(patches, self.vit.centres, layout.boxes.to(patches.dtype), self.vit.grid)
+            out["local_sum"], out["local_count"] = local_alignment_loss(f, hidden, layout)
+        return out
+
+    def config_dict(self) -> dict[str, Any]:
+        return {
+            "hcma": dataclasses.asdict(self.cfg),
+            "image": dataclasses.asdict(self.image),
+            "text_dim": self.text_dim,
+        }
+
+
+def build_hcma(cfg: HcmaConfig, *, image: DomainConfig, text_dim: int) -> HcmaModule | None:
+    """The HCMA module, or None when ``hcma.global_weight`` and ``hcma.local_weight`` are both 0."""
+    if not (cfg.global_weight > 0 or cfg.local_weight > 0):
+        return None
+    return HcmaModule(cfg, image=image, text_dim=text_dim)
+
+
+def hcma_loss(
+    hcma_module: HcmaModule | None,
+    x_t: torch.Tensor,
+    timesteps: torch.Tensor,
+    hidden: torch.Tensor,
+    mask: torch.Tensor,
+    boxes: LayoutBatch | None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """``hcma.global_weight * L_global + hcma.local_weight * L_local`` and its terms (detached floats).
+
+    ``x_t [B, C, H, W]`` the noisy images the denoiser sees, ``timesteps [B]``, ``hidden [B, N, D]`` the markup
+    features (``model.encode``), ``mask [B, N]``, ``boxes`` the batch's layouts (None: no local term). ``L_global``
+    is the batch mean; ``L_local`` the mean over every valid box of the batch (0 when there is none). With no module
+    (both weights 0) the loss is a constant 0.
+    """
+    if hcma_module is None:
+        return x_t.new_zeros(()), {}
+    cfg = hcma_module.cfg
+    parts = hcma_module.alignment_losses(x_t, timesteps, hidden, mask, boxes)
+    loss = x_t.new_zeros(())
+    terms: dict[str, float] = {}
+    if "global" in parts:
+        l_global = parts["global"].mean()
+        loss = loss + cfg.global_weight * l_global
+        terms["hcma_global"] = float(l_global.detach())
+    if "local_sum" in parts:
+        l_local = parts["local_sum"].sum() / parts["local_count"].sum().clamp(min=1.0)
+        loss = loss + cfg.local_weight * l_local
+        terms["hcma_local"] = float(l_local.detach())
+        terms["hcma_boxes"] = float(parts["local_count"].sum())
+    return loss, terms
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# persistence (beside the denoiser's model folder)
+
+
+def save_hcma(module: HcmaModule, folder: str | Path) -> None:
+    """Write ``hcma_config.json`` and ``hcma.safetensors`` into ``folder`` (atomically, file by file)."""
+    from safetensors.torch import save
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    with atomic_open(folder / HCMA_WEIGHTS, "wb") as fh:
+        fh.write(save(state))
+    with atomic_open(folder / HCMA_CONFIG) as fh:
+        json.dump(module.config_dict(), fh, indent=2)
+
+
+def _module_from_config(cfg: dict[str, Any], source: str) -> HcmaModule:
+    from markup2image.config import _check_type
+
+    hcma = _check_type(cfg["hcma"], HcmaConfig, f"{source}.hcma")
+    image = _check_type(cfg["image"], DomainConfig, f"{source}.image")
+    return HcmaModule(hcma, image=image, text_dim=int(cfg["text_dim"]))
+
+
+def load_hcma(folder: str | Path, map_location: str | torch.device = "cpu") -> HcmaModule | None:
+    """The HCMA module saved with a model: ``hcma_config.json`` + ``hcma.safetensors`` beside it, or (if the model
+    holds it as its ``hcma`` submodule) the ``hcma`` entry of ``model_config.json`` and the ``hcma.*`` weights of
+    ``model.safetensors``. None when the model was trained without one."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if (folder / HCMA_CONFIG).exists():
+        module = _module_from_config(json.loads((folder / HCMA_CONFIG).read_text()), str(folder / HCMA_CONFIG))
+        module.load_state_dict(load_file(str(folder / HCMA_WEIGHTS), device=str(map_location)))
+        return module.eval()
+    model_cfg_path = folder / "model_config.json"
+    if not model_cfg_path.exists():
+        return None
+    saved = json.loads(model_cfg_path.read_text())
+    inside = saved.get("hcma_module")
+    if not inside:
+        return None
+    module = _module_from_config(inside, f"{model_cfg_path}:hcma_module")
+    state = load_file(str(folder / "model.safetensors"), device=str(map_location))
+    module.load_state_dict({k[len("hcma.") :]: v for k, v in state.items() if k.startswith("hcma.")})
+    return module.eval()
