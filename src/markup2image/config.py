@@ -356,6 +356,12 @@ def validate(p: Params) -> None:
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key}: must be 0 or more, got {getattr(t, key)}")
     check_batch_split(t, t.num_processes)
+    for switch in ("fsa", "con_aug"):  # modules only fsa_cdm trains; unused parameters also break DDP
+        if getattr(m, switch) and t.objective != "fsa_cdm":
+            raise ConfigError(
+                f"model.{switch}: only train.objective fsa_cdm trains this part (objective is {t.objective}); "
+                f"set model.{switch}: false or train.objective: fsa_cdm"
+            )
     if p.evaluate.steps < 1:
         raise ConfigError("evaluate.steps: must be at least 1")
     _validate_hcma(p)

@@ -191,3 +191,13 @@ def test_accelerate_config_is_checked_against_batch_and_gpus(tmp_path):
     _preflight_fails("train.accelerate_config", train={"accelerate_config": str(tmp_path / "missing.yaml")}, gpus=1)
     cfg.write_text(yaml.safe_dump({"distributed_type": "DEEPSPEED", "num_processes": 2}))
     _preflight_fails("train.accelerate_config", train={"accelerate_config": str(cfg)}, gpus=2)
+
+
+@pytest.mark.parametrize("switch", ["fsa", "con_aug"])
+def test_fsa_cdm_parts_need_the_fsa_cdm_objective(switch):
+    raw = _raw(objective="ddpm")
+    raw["model"][switch] = True
+    msg = _fails(raw, f"model.{switch}")
+    assert "fsa_cdm" in msg
+    raw["train"] |= {"objective": "fsa_cdm", "batch_size": 8, "num_negatives": 2}
+    assert getattr(params_from_dict(raw).model, switch)

@@ -36,13 +36,14 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from diffusers import DDPMScheduler
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from markup2image.config import Params, TrainConfig, check_batch_split, to_dict
 from markup2image.data.dataset import MarkupImageDataset, collate
-from markup2image.diffusion.objectives import TrainBatch, get_objective, noise_scheduler
+from markup2image.diffusion.objectives import ObjectiveFn, TrainBatch, get_objective, noise_scheduler
 from markup2image.models.model import MarkupToImageModel
 from markup2image.text.tokenizer import TOKENIZER_FILE, load_tokenizer, pad_id
 from markup2image.training.launch import effective_mixed_precision
@@ -203,6 +204,8 @@ class _Run:
     ema: EMAModel
     dataset: MarkupImageDataset
     indices: BatchIndexer
+    sched: DDPMScheduler  # the forward process q(y_t | y0)
+    objective: ObjectiveFn
 
     @property
     def trainable(self) -> list[torch.nn.Parameter]:
@@ -235,7 +238,9 @@ def _prepare(params: Params, domain: str, paths: TrainPaths, acc: Accelerator) -
     prepared, opt, lr_sched = acc.prepare(model, opt, lr_sched)
     acc.register_for_checkpointing(ema)
     net = acc.unwrap_model(prepared)
-    return _Run(acc, prepared, net, opt, lr_sched, ema, dataset, BatchIndexer(len(dataset), cfg.seed))
+    indices = BatchIndexer(len(dataset), cfg.seed)
+    sched, objective = noise_scheduler(params.diffusion), get_objective(cfg.objective)
+    return _Run(acc, prepared, net, opt, lr_sched, ema, dataset, indices, sched, objective)
 
 
 def _resume(run: _Run, paths: TrainPaths, fingerprint: str) -> int:
@@ -315,7 +320,6 @@ def _train_step(run: _Run, params: Params, step: int, terms_acc: dict[str, tuple
     cfg, acc, net = params.train, run.acc, run.net
     world, rank = acc.num_processes, acc.process_index
     run.model.train()
-    sched, objective = noise_scheduler(params.diffusion), get_objective(cfg.objective)
     gidx = run.indices(step, cfg.batch_size)  # (batch_size,) global
     chw, num_t = (net.image.channels, net.image.height, net.image.width), params.diffusion.num_train_timesteps
     for micro in range(cfg.grad_accum):
@@ -334,7 +338,7 @@ def _train_step(run: _Run, params: Params, step: int, terms_acc: dict[str, tuple
         sync = micro == cfg.grad_accum - 1
         with contextlib.nullcontext() if sync else acc.no_sync(run.model):
             with acc.autocast():
-                loss, terms = objective(run.model, batch, sched, params, step)
+                loss, terms = run.objective(run.model, batch, run.sched, params, step)
             acc.backward(loss / cfg.grad_accum)
         terms["loss"] = float(loss.detach())
         _accumulate_terms(terms_acc, terms, batch.timesteps, num_t)
@@ -383,7 +387,9 @@ def _open_live(folder: Path, start: int):
     if start > 0:
         prune_live_after(folder, start)
     # dvcyaml=False: DVCLive must not rewrite dvc.yaml; its files are declared there instead.
-    return Live(str(folder), dvcyaml=False, save_dvc_exp=False, resume=start > 0)
+    live = Live(str(folder), dvcyaml=False, save_dvc_exp=False, resume=start > 0)
+    (folder / "plots" / "images").mkdir(parents=True, exist_ok=True)  # a declared output, also with no samples
+    return live
 
 
 def prune_live_after(folder: Path, step: int) -> None:
