@@ -38,7 +38,8 @@ class Denoiser(Protocol):
 
 
 def session_options(threads: int | None = None) -> Any:
-    """ONNX Runtime session options: every graph optimization, sequential execution, ``threads`` intra-op threads.
+    """ONNX Runtime session options: every graph optimization (incl. NCHWc conv layouts, the fastest here),
+    sequential execution, no memory-pattern planning, ``threads`` intra-op threads.
 
     ``threads=None`` keeps ORT's default (one per physical core).
     """
@@ -47,6 +48,9 @@ def session_options(threads: int | None = None) -> Any:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # The memory-pattern planner allocates one block for the recorded pattern on the second run while the first
+    # run's arena chunks stay: +0.9 GB peak on the paper-size U-Net at B=4, for no speed gain.
+    so.enable_mem_pattern = False
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
