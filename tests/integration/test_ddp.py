@@ -1,17 +1,19 @@
 """Two gloo processes on the CPU run the real train stage (``stages/launch_train.py`` -> ``accelerate launch
 --multi_gpu --num_processes 2`` -> ``stages/train.py``), as DVC would start it.
 
-Checks: both ranks end with bit-identical weights (raw and EMA), the saved model holds the EMA weights, and the
-result equals a 1-process run with the same global batch after 3 steps:
+The 2-process run also accumulates gradients over 2 micro-steps (global batch 8 = 2 processes x 2 micro-steps x 2
+items), so DDP's ``no_sync`` path runs too. Checks: both ranks end with bit-identical weights (raw and EMA), the
+saved model holds the EMA weights, and the result equals a 1-process, 1-micro-step run with the same global batch
+after 3 steps:
 
 * max |Δ| <= 2e-6 over all weights (measured ~4e-7) except the attention KEY biases of the markup encoder;
 * max |Δ| <= 1e-4 for those key biases (measured ~7e-6).
 
-It cannot be bit-exact: one process sums the gradient over 4 items in one backward, two processes sum 2 + 2 items
-and DDP all-reduces and averages, so float additions happen in another order. The key biases stand out because
-their true gradient is zero (softmax ignores a shift shared by all keys): their gradient is pure summation noise
-(~1e-11), and Adam divides it by its own running size (plus eps 1e-8), so two noises give updates that differ by
-a fair fraction of ``lr x g / eps``.
+It cannot be bit-exact: one process sums the gradient over 8 items in one backward, the two processes sum 2 + 2
+items per rank and DDP all-reduces and averages, so float additions happen in another order. The key biases stand
+out because their true gradient is zero (softmax ignores a shift shared by all keys): their gradient is pure
+summation noise (~1e-11), and Adam divides it by its own running size (plus eps 1e-8), so two noises give updates
+that differ by a fair fraction of ``lr x g / eps``.
 """
 
 import json
@@ -58,7 +60,7 @@ def _split_key_biases(state: dict) -> tuple[dict, dict]:
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ddp")
-    raw = tiny_params_dict(steps=STEPS, batch_size=4, num_processes=2, checkpoint_every=STEPS, lr=2e-3)
+    raw = tiny_params_dict(steps=STEPS, batch_size=8, num_processes=2, grad_accum=2, checkpoint_every=STEPS, lr=2e-3)
     write_synthetic_training_set(root / "rendered", root / "tokenized", params_from_dict(raw).domain_config("math"))
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **{DUMP_RANK_WEIGHTS_ENV: str(root / "dump")})
@@ -107,7 +109,7 @@ def test_saved_model_holds_the_ema_weights(two_process_run: Path):
 
 def test_two_processes_equal_one_process_with_the_same_global_batch(two_process_run: Path, tmp_path, monkeypatch):
     raw = yaml.safe_load((two_process_run / "params.yaml").read_text())
-    raw["train"]["num_processes"] = 1
+    raw["train"] |= {"num_processes": 1, "grad_accum": 1}
     monkeypatch.setenv(DUMP_RANK_WEIGHTS_ENV, str(tmp_path / "dump"))
     paths = TrainPaths(two_process_run / "rendered", two_process_run / "tokenized", tmp_path / "out")
     summary = train(params_from_dict(raw), "math", paths)

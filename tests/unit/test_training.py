@@ -50,33 +50,36 @@ def test_batch_indexer_visits_every_item_once_per_epoch():
     assert not np.array_equal(flat[:n], flat[n : 2 * n])  # a new permutation each epoch
 
 
-@pytest.mark.parametrize("grad_accum", [1, 2])
-def test_rank_shares_put_together_equal_the_one_process_batch(grad_accum):
-    cfg = _params(batch_size=8, grad_accum=grad_accum).train
-    gidx = BatchIndexer(16, seed=0)(3, cfg.batch_size)
-    shape, t_max = (1, 16, 32), 1000
-    for micro in range(grad_accum):
-        one = micro_batch_share(cfg, gidx, 3, micro, 0, 1, shape, t_max)
-        shares = [micro_batch_share(cfg, gidx, 3, micro, r, 2, shape, t_max) for r in range(2)]
-        assert all(len(s.indices) == cfg.batch_size // (2 * grad_accum) for s in shares)
-        assert np.array_equal(np.concatenate([s.indices for s in shares]), one.indices)
-        assert torch.equal(torch.cat([s.noise for s in shares]), one.noise)
-        assert torch.equal(torch.cat([s.timesteps for s in shares]), one.timesteps)
-        # and the one-process share is the global draw itself
-        noise, timesteps = draw_noise(3, micro, cfg.seed, (cfg.batch_size // grad_accum, *shape), t_max)
-        assert torch.equal(one.noise, noise) and torch.equal(one.timesteps, timesteps)
-    all_idx = [
-        micro_batch_share(cfg, gidx, 3, m, r, 2, shape, t_max).indices for m in range(grad_accum) for r in (0, 1)
+@pytest.mark.parametrize(("world", "grad_accum"), [(2, 1), (1, 2), (2, 2), (4, 2)])
+def test_shares_put_together_equal_the_one_process_batch(world, grad_accum):
+    """Any split over processes and micro-steps sees the same items with the same noise as 1 process, 1 micro-step."""
+    shape, t_max, step = (1, 16, 32), 1000, 3
+    one_cfg = _params(batch_size=8).train
+    cfg = _params(batch_size=8, grad_accum=grad_accum, num_processes=world).train
+    gidx = BatchIndexer(16, seed=0)(step, cfg.batch_size)
+    whole = micro_batch_share(one_cfg, gidx, step, 0, 0, 1, shape, t_max)
+    shares = [
+        micro_batch_share(cfg, gidx, step, micro, rank, world, shape, t_max)
+        for micro in range(grad_accum)
+        for rank in range(world)
     ]
-    assert sorted(np.concatenate(all_idx).tolist()) == sorted(gidx.tolist())  # every item once per step
+    assert all(len(s.indices) == 8 // (world * grad_accum) for s in shares)
+    assert np.array_equal(whole.indices, gidx)
+    assert np.array_equal(np.concatenate([s.indices for s in shares]), whole.indices)
+    assert torch.equal(torch.cat([s.noise for s in shares]), whole.noise)
+    assert torch.equal(torch.cat([s.timesteps for s in shares]), whole.timesteps)
+    noise, timesteps = draw_noise(step, cfg.seed, np.arange(8), shape, t_max)  # the global draw
+    assert torch.equal(whole.noise, noise) and torch.equal(whole.timesteps, timesteps)
 
 
-def test_noise_differs_between_steps_and_micro_steps():
-    n0, t0 = draw_noise(0, 0, 0, (2, 1, 4, 4), 1000)
-    n1, _ = draw_noise(1, 0, 0, (2, 1, 4, 4), 1000)
-    n2, _ = draw_noise(0, 1, 0, (2, 1, 4, 4), 1000)
+def test_noise_differs_between_steps_items_and_seeds():
+    n0, t0 = draw_noise(0, 0, np.arange(64), (1, 4, 4), 1000)
+    n1, _ = draw_noise(1, 0, np.arange(64), (1, 4, 4), 1000)
+    n2, _ = draw_noise(0, 1, np.arange(64), (1, 4, 4), 1000)
     assert not torch.equal(n0, n1) and not torch.equal(n0, n2)
-    assert t0.min() >= 0 and t0.max() < 1000
+    assert len({tuple(x.flatten().tolist()) for x in n0}) == 64  # every item its own noise
+    assert t0.min() >= 0 and t0.max() < 1000 and len(set(t0.tolist())) > 32
+    assert abs(float(n0.mean())) < 0.2 and abs(float(n0.std()) - 1) < 0.1
 
 
 def test_extras_generator_is_per_rank_and_reproducible():

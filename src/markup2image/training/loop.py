@@ -1,12 +1,13 @@
 """The training loop, run under ``accelerate launch`` on 1 CPU process, N CPU/GPU processes or several nodes.
 
 Determinism by construction: the global batch at optimizer step ``s`` is a fixed slice of a per-epoch permutation
-seeded by ``(train.seed, epoch)``; the noise and timesteps of each global micro-batch come from a generator seeded
-by ``(train.seed, s, micro_step)``, and every process takes its slice of both. So:
+seeded by ``(train.seed, epoch)``, and the noise and timestep of the item at position ``j`` of that global batch
+come from a generator seeded by ``(train.seed, s, j)``. Each process takes its positions of each micro-step. So:
 
 * ``train.batch_size`` is the global batch at any process count: each of W processes runs
   ``batch_size / (W * grad_accum)`` items per micro-step, and DDP averages the gradients;
-* for ``ddpm`` a W-process run computes the same gradients as a 1-process run (up to float summation order);
+* for ``ddpm`` a run on W processes with A accumulation micro-steps computes the same gradients as 1 process with
+  1 micro-step (same items, same noise; up to float summation order);
 * a resumed run continues exactly as if never stopped: the batch and noise of a step depend on nothing but the
   step, and the checkpoint holds model, EMA, optimizer, LR scheduler, grad scaler and every RNG state.
 
@@ -100,26 +101,31 @@ class BatchIndexer:
         return np.array([self._perm(int(p // self.n))[int(p % self.n)] for p in pos], dtype=np.int64)
 
 
+def _seed(*keys: int) -> int:
+    """A 64-bit seed mixed from ``keys`` (distinct keys never collide the way ``a * K + b`` sums do)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0])
+
+
 def draw_noise(
-    step: int, micro: int, seed: int, shape: tuple[int, ...], num_timesteps: int
+    step: int, seed: int, positions: np.ndarray, image_shape: tuple[int, int, int], num_timesteps: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise ``eps [B, C, H, W]`` and timesteps ``[B]`` of the GLOBAL micro-batch (B = all processes' items)."""
-    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + step * 1009 + micro)
-    noise = torch.randn(shape, generator=g)
-    timesteps = torch.randint(0, num_timesteps, (shape[0],), generator=g)
+    """Noise ``eps [b, C, H, W]`` and timesteps ``[b]`` of the global-batch ``positions [b]`` at step ``step``.
+
+    Position ``j`` draws from its own generator seeded by ``(seed, step, j)``, so however the global batch is split
+    over processes and micro-steps, every item gets the same noise; a process draws only its own items.
+    """
+    noise = torch.empty((len(positions), *image_shape))
+    timesteps = torch.empty(len(positions), dtype=torch.long)
+    for i, j in enumerate(positions):
+        g = torch.Generator().manual_seed(_seed(seed, step, j))
+        timesteps[i] = torch.randint(0, num_timesteps, (1,), generator=g)[0]
+        noise[i] = torch.randn(image_shape, generator=g)
     return noise, timesteps
 
 
 def extras_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
     """The generator an objective draws its own randomness from: one per (seed, step, micro-step, rank)."""
-    state = np.random.SeedSequence([seed, step, micro, rank]).generate_state(1)[0]
-    return torch.Generator().manual_seed(int(state))
-
-
-def rank_slice(rank: int, world: int, global_size: int) -> slice:
-    """This process's share ``[rank * B/W, (rank + 1) * B/W)`` of a global micro-batch of ``B`` items."""
-    local = global_size // world
-    return slice(rank * local, (rank + 1) * local)
+    return torch.Generator().manual_seed(_seed(seed, step, micro, rank, 1))
 
 
 @dataclass(frozen=True)
@@ -145,14 +151,13 @@ def micro_batch_share(
     """Micro-step ``micro`` of optimizer step ``step`` for process ``rank`` of ``world``.
 
     ``batch_indices [train.batch_size]`` is the global batch (:class:`BatchIndexer`); ``image_shape`` is (C, H, W).
-    The noise is drawn for the whole global micro-batch and sliced, so the shares of all ranks put together are
-    exactly what one process would draw.
+    The global batch is cut into ``grad_accum`` micro-batches, each into ``world`` equal shares, in that order.
     """
-    micro_global = cfg.batch_size // cfg.grad_accum
-    mid = batch_indices[micro * micro_global : (micro + 1) * micro_global]
-    noise, timesteps = draw_noise(step, micro, cfg.seed, (micro_global, *image_shape), num_timesteps)
-    sl = rank_slice(rank, world, micro_global)
-    return MicroBatchShare(mid[sl], noise[sl], timesteps[sl])
+    local = cfg.batch_size // (cfg.grad_accum * world)
+    first = (micro * world + rank) * local
+    positions = np.arange(first, first + local)  # (b,) positions in the global batch
+    noise, timesteps = draw_noise(step, cfg.seed, positions, image_shape, num_timesteps)
+    return MicroBatchShare(batch_indices[positions], noise, timesteps)
 
 
 def run_fingerprint(params: Params, domain: str) -> str:
