@@ -103,7 +103,8 @@ class BatchIndexer:
 
 def _seed(*keys: int) -> int:
     """A 64-bit seed mixed from ``keys`` (distinct keys never collide the way ``a * K + b`` sums do)."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0])
+    entropy = [int(k) % 2**64 for k in keys]  # SeedSequence takes non-negative ints only
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
 
 
 def draw_noise(
