@@ -113,14 +113,14 @@ def _layout(t: TrainConfig, gpus: int) -> tuple[int, int, bool, str]:
                 mp,
                 t.mixed_precision,
             )
-        per_node, what = processes // max(machines, 1), f"{t.accelerate_config} starts"
+        per_node, what = processes // max(machines, 1), f"{t.accelerate_config} starts "
     else:
         processes, machines, cpu = t.num_processes, 1, t.cpu or gpus == 0
-        per_node, what = processes, "train.num_processes:"
+        per_node, what = processes, ""
     if not cpu and per_node > gpus:
         key = "train.accelerate_config" if t.accelerate_config else "train.num_processes"
         raise ConfigError(
-            f"{key}: {what} {per_node} processes per machine but only {gpus} GPU(s) are visible; "
+            f"{key}: {what}{per_node} processes per machine but only {gpus} GPU(s) are visible; "
             "start fewer, or set train.cpu: true to run CPU processes (gloo)"
         )
     return processes, machines, cpu, t.accelerate_config
