@@ -153,6 +153,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             steps=tuple(args.steps_list or [args.steps]),
             params=params,
         )
+    elif args.what == "train" and args.processes:
+        from markup2image.training.bench import bench_train_processes
+
+        result = bench_train_processes(params, processes=tuple(args.processes), steps=args.steps, domain=args.domain)
     elif args.what == "train":
         from markup2image.bench_train import bench_train
 
@@ -230,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--objectives", nargs="+", default=["ddpm", "ss_dm", "cdcd", "fsa_cdm"])
     b.add_argument("--sizes", nargs="+", default=["tiny"], help="train: tiny, paper, params")
+    b.add_argument("--processes", type=int, nargs="+", help="train: time the real train stage at these process counts")
     b.add_argument("--out", type=Path)
     b.set_defaults(fn=cmd_bench)
     return p
