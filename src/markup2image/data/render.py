@@ -319,10 +319,17 @@ def _read_journal(path: Path) -> dict[str, dict[str, Any]]:
     return records
 
 
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
 def _image_ok(path: Path, cfg: DomainConfig) -> bool:
     """A PNG that decodes fully to the canvas shape (a half-written or foreign file does not)."""
     if not path.exists():
         return False
+    with open(path, "rb") as fh:  # a PNG ends with its IEND chunk: a truncated file does not, whatever
+        fh.seek(max(path.stat().st_size - 12, 0))  # PIL's LOAD_TRUNCATED_IMAGES says elsewhere in the process
+        if fh.read() != _PNG_END:
+            return False
     try:
         image = load_image(path, channels=cfg.channels)
     except Exception:  # noqa: BLE001 - any decode failure means: redo it
