@@ -186,6 +186,7 @@ class HcmaConfig:
     fourier_bands: int = 8  # frequencies per box coordinate in the Fourier box embedding
     max_boxes: int = 32  # boxes per image kept in a batch (the first ones, in layout order)
     detach_text: bool = True  # align the image side to the markup features without moving the markup encoder
+    translate: bool = True  # training: move each (y_t, boxes) pair by a random in-canvas offset (grounds L_local)
 
 
 @dataclass(frozen=True)
@@ -372,6 +373,11 @@ def _validate_hcma(p: Params) -> None:
     for key in ("global_weight", "local_weight", "guidance_global", "guidance_local"):
         if getattr(h, key) < 0:
             raise ConfigError(f"hcma.{key}: must be 0 or more, got {getattr(h, key)}")
+    for scale, weight in (("guidance_global", "global_weight"), ("guidance_local", "local_weight")):
+        if getattr(h, scale) > 0 and not getattr(h, weight) > 0:
+            raise ConfigError(
+                f"hcma.{scale}: guidance needs the module it uses; set hcma.{weight} > 0 or hcma.{scale}: 0"
+            )
     if not (h.global_weight or h.local_weight):
         return
     if h.dim % h.heads:

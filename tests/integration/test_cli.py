@@ -65,3 +65,76 @@ def test_wrong_params_key_names_it(tmp_path):
     bad.write_text("train:\n  lr_rate: 0.1\n")
     with pytest.raises(SystemExit, match=r"train\.lr_rate: unknown params key"):
         main(["--params", str(bad), "summary"])
+
+
+@pytest.fixture(scope="module")
+def hcma_model(tmp_path_factory):
+    """A tiny model trained 2 steps with both HCMA modules (guidance scales saved with it), and one markup."""
+    from markup2image.config import params_from_dict
+    from markup2image.training.loop import TrainPaths, train
+    from markup2image.training.synthetic import tiny_params_dict, write_synthetic_training_set
+
+    root = tmp_path_factory.mktemp("hcma_cli")
+    d = tiny_params_dict(steps=2)
+    d["hcma"] = {"global_weight": 1.0, "local_weight": 1.0, "guidance_global": 1.0, "guidance_local": 50.0,
+                 "patch_size": 4, "dim": 16, "layers": 1, "heads": 2}  # fmt: skip
+    params = params_from_dict(d)
+    markups = write_synthetic_training_set(root / "r", root / "t", params.domain_config("math"), n=4)
+    train(params, "math", TrainPaths(root / "r", root / "t", root / "m"))
+    return root / "m" / "model", markups[0]
+
+
+def test_sample_with_layout_writes_grounded_png(hcma_model, tmp_path):
+    model, markup = hcma_model
+    first = markup.split()[0]
+    layout = tmp_path / "boxes.json"
+    layout.write_text(json.dumps({"boxes": [{"box": [10, 2, 16, 12], "chars": [0, len(first)]}]}))
+    out, drawn = tmp_path / "g.png", tmp_path / "g_boxes.png"
+    argv = ["sample", "--model", str(model), "--markup", markup, "--layout", str(layout), "--steps", "3"]
+    assert main([*argv, "--out", str(out), "--boxes-out", str(drawn)]) == 0
+    image = np.asarray(Image.open(out))
+    assert image.shape == (16, 32) and np.asarray(Image.open(drawn)).shape == (32, 64, 3)
+    assert main([*argv, "--out", str(tmp_path / "p.png"), "--guidance-local", "0", "--guidance-global", "0"]) == 0
+    assert not np.array_equal(image, np.asarray(Image.open(tmp_path / "p.png")))  # the layout steered the sample
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        ("{not json", "not valid JSON"),
+        ('[{"box": [0, 0, 40, 8], "chars": [0, 1]}]', "outside the model's 32x16 image"),
+        ('[{"box": [0, 0, 4, 4]}]', "needs 'chars'"),
+        ('[{"box": [0, 0, 4, 4], "chars": [90, 99]}]', "no box names a segment"),
+    ],
+)
+def test_sample_with_a_bad_layout_exits_with_one_line_naming_the_file(hcma_model, tmp_path, content, says):
+    model, markup = hcma_model
+    layout = tmp_path / "bad.json"
+    layout.write_text(content)
+    argv = [
+        "sample",
+        "--model",
+        str(model),
+        "--markup",
+        markup,
+        "--layout",
+        str(layout),
+        "--out",
+        str(tmp_path / "x.png"),
+    ]
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--steps", "2"])
+    assert str(exc.value).startswith(f"error: {layout}") and says in str(exc.value)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_sample_with_a_missing_layout_file_fails_in_one_line(hcma_model, tmp_path):
+    model, markup = hcma_model
+    proc = subprocess.run(
+        [sys.executable, "-m", "markup2image.cli", "sample", "--model", str(model), "--markup", markup,
+         "--layout", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x.png"), "--steps", "2"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "missing.json: no such layout file" in lines[0]

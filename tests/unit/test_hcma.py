@@ -31,6 +31,7 @@ from markup2image.models.hcma import (
     layout_batch,
     load_hcma,
     local_alignment_loss,
+    random_translate,
     save_hcma,
 )
 from markup2image.text.tokenizer import train_bpe
@@ -326,3 +327,107 @@ def test_layout_scores_by_hand() -> None:
     assert layout_scores(np.full((10, 10), 255, np.uint8), boxes) == {"ink_in_boxes": 0, "box_fill": 0, "layout_f1": 0}
     full = layout_scores(np.zeros((10, 10), np.uint8), boxes)
     assert full["box_fill"] == 1.0 and full["ink_in_boxes"] == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training-time translation (hcma.translate)
+
+
+def test_random_translate_moves_image_and_boxes_together_inside_the_canvas() -> None:
+    x = torch.ones(3, 1, 16, 32)
+    x[0, :, 2:6, 4:10] = -1.0  # item 0: ink exactly in its box
+    x[2, :, 9:12, 20:31] = -1.0  # item 2: ink but no valid box -> stays put
+    seg = torch.zeros(3, 1, 2, dtype=torch.bool)
+    seg[0, 0, 0] = seg[1, 0, 1] = True
+    boxes = torch.tensor([[[4 / 32, 2 / 16, 10 / 32, 6 / 16]], [[0.0, 0.0, 1.0, 1.0]], [[0.5, 0.5, 0.75, 0.75]]])
+    layout = LayoutBatch(boxes, seg.any(-1), seg)
+    moved_any = False
+    for seed in range(8):
+        out, lay = random_translate(x, layout, torch.Generator().manual_seed(seed))
+        x0, y0, x1, y1 = (round(float(v) * s) for v, s in zip(lay.boxes[0, 0], (32, 16, 32, 16)))
+        assert 0 <= x0 and x1 <= 32 and 0 <= y0 and y1 <= 16
+        assert (out[0, 0, y0:y1, x0:x1] == -1).all() and int((out[0] == -1).sum()) == 24  # the ink is in the box
+        moved_any |= (x0, y0) != (4, 2)
+        assert torch.equal(out[1], x[1]) and torch.equal(lay.boxes[1], boxes[1])  # a full-canvas box cannot move
+        assert torch.equal(out[2], x[2]) and torch.equal(lay.boxes[2], boxes[2])
+    assert moved_any
+    again, _ = random_translate(x, layout, torch.Generator().manual_seed(3))
+    assert torch.equal(again, random_translate(x, layout, torch.Generator().manual_seed(3))[0])  # seeded
+
+
+def test_translate_only_in_training_mode() -> None:
+    module = tiny_module(local_weight=1.0, global_weight=0.0)
+    x, t = torch.randn(2, 1, 16, 32), torch.tensor([10, 900])
+    hidden, mask = torch.randn(2, 3, 8), torch.ones(2, 3, dtype=torch.long)
+    small = LayoutBatch(_layout().boxes * 0.5 + 0.25, _layout().box_mask, _layout().segment_mask)  # room to move
+
+    def loss(seed: int) -> torch.Tensor:
+        return hcma_loss(module, x, t, hidden, mask, small, torch.Generator().manual_seed(seed))[0]
+
+    assert torch.equal(loss(0), loss(1))
+    module.train()
+    assert not torch.equal(loss(0), loss(1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the HCMA module inside the denoiser
+
+
+def _tiny_model(hcma: HcmaConfig | None, vocab: int = 30):
+    from markup2image.models.model import MarkupToImageModel
+
+    torch.manual_seed(0)
+    model_cfg = ModelConfig(block_out_channels=(8, 16), cross_attention_levels=(False, True), norm_num_groups=4,
+                            encoder_dim=8, encoder_layers=1, encoder_heads=2, attention_head_dim=4)  # fmt: skip
+    return MarkupToImageModel(model_cfg=model_cfg, image=IMAGE, vocab_size=vocab, hcma=hcma)
+
+
+def test_zero_weights_leave_the_model_exactly_as_without_hcma() -> None:
+    plain, off = _tiny_model(None).state_dict(), _tiny_model(HcmaConfig(dim=8, translate=False)).state_dict()
+    assert list(plain) == list(off) and all(torch.equal(plain[k], off[k]) for k in plain)
+    assert _tiny_model(HcmaConfig()).config_dict() == _tiny_model(None).config_dict()  # no hcma_module entry
+    on = _tiny_model(TINY).state_dict()
+    assert all(torch.equal(plain[k], on[k]) for k in plain)  # built last: the other parts initialise the same
+    assert {k for k in on if k not in plain} == {k for k in on if k.startswith("hcma.")} != set()
+
+
+def test_model_with_hcma_saves_and_loads_it(tmp_path: Path) -> None:
+    from markup2image.models.model import load_model
+
+    model = _tiny_model(TINY)
+    model.save(tmp_path)
+    cfg = json.loads((tmp_path / "model_config.json").read_text())
+    assert cfg["hcma_module"]["hcma"]["local_weight"] == 1.0 and cfg["hcma_module"]["text_dim"] == 8
+    loaded = load_model(tmp_path)
+    assert loaded.hcma is not None
+    for k, v in model.hcma.state_dict().items():
+        assert torch.equal(loaded.hcma.state_dict()[k], v), k
+    alone = load_hcma(tmp_path)  # what guidance reads from a model folder
+    assert alone is not None and torch.equal(alone.vit.cls_token, model.hcma.vit.cls_token)
+
+
+def test_forward_adds_the_hcma_loss_of_the_anchor_rows() -> None:
+    from markup2image.models.hcma import HcmaBatch
+
+    model = _tiny_model(TINY).eval()
+    ids, mask = torch.tensor([[2, 5, 3], [2, 7, 3]]), torch.ones(2, 3, dtype=torch.long)
+    x, t = torch.randn(3, 1, 16, 32), torch.tensor([5, 500, 50])
+    out = model(x, t, ids, mask, text_index=torch.tensor([0, 1, 0]), hcma_batch=HcmaBatch(_layout()))
+    hidden = model.encode(ids, mask)
+    want, terms = hcma_loss(model.hcma, x[:2], t[:2], hidden, mask, _layout())
+    torch.testing.assert_close(out.hcma_loss, want)
+    assert out.hcma_terms == terms and set(terms) == {"hcma_global", "hcma_local", "hcma_boxes"}
+    torch.testing.assert_close(out.sample, model(x, t, ids, mask, text_index=torch.tensor([0, 1, 0])))
+    with pytest.raises(ValueError, match="hcma.global_weight / hcma.local_weight"):
+        _tiny_model(None)(x[:2], t[:2], ids, mask, hcma_batch=HcmaBatch(None))
+
+
+def test_summary_counts_the_hcma_parameters() -> None:
+    from markup2image.config import Params
+    from markup2image.models.summary import parameter_summary
+
+    off = parameter_summary(Params(), "math", 100)
+    on = parameter_summary(Params(hcma=HcmaConfig(global_weight=1.0, local_weight=1.0)), "math", 100)
+    assert off["hcma"] == 0 and on["hcma"] > 0
+    assert on["total"] - off["total"] == on["hcma"]
+    assert on["config"]["hcma_global_weight"] == 1.0

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from markup2image.config import DomainConfig, ModelConfig, Params, TrainConfig
+from markup2image.config import DomainConfig, HcmaConfig, ModelConfig, Params, TrainConfig
 from markup2image.diffusion.objectives import (
     OBJECTIVES,
     TrainBatch,
@@ -20,6 +20,7 @@ from markup2image.diffusion.objectives import (
     scheduled_sampling_probability,
     ss_dm_loss,
 )
+from markup2image.models.hcma import HcmaBatch, LayoutBatch
 from markup2image.models.model import MarkupToImageModel
 
 IMAGE = DomainConfig(height=8, width=16, channels=1)
@@ -254,3 +255,38 @@ def test_cdcd_is_simple_minus_weighted_negatives():
     loss, terms = get_objective("cdcd")(model, _batch(keys=[1, 2, 3, 4]), SCHED, params, 0)
     assert calls == [4 * 3]
     assert math.isclose(loss.item(), terms["loss_simple"] - 0.25 * terms["loss_negative"], rel_tol=1e-5)
+
+
+# -- HCMA ---------------------------------------------------------------------------------------------------------
+
+HCMA = HcmaConfig(global_weight=0.5, local_weight=2.0, patch_size=4, dim=8, layers=1, heads=2, fourier_bands=2)
+
+
+def _hcma_layout(b: int = 4) -> LayoutBatch:
+    """Two boxes per item, each naming one token of the batch's 6 positions; item 3 has no boxes."""
+    seg = torch.zeros(b, 2, 6, dtype=torch.bool)
+    seg[:3, 0, 1] = seg[:3, 1, 2] = True
+    boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.5, 0.25, 0.75, 0.75]]]).expand(b, 2, 4).clone()
+    return LayoutBatch(boxes, seg.any(-1), seg)
+
+
+@pytest.mark.parametrize(
+    ("name", "switches"),
+    [("ddpm", {}), ("ss_dm", {}), ("cdcd", {}), ("fsa_cdm", {}), ("fsa_cdm", {"fsa": True, "con_aug": True})],
+)
+def test_every_objective_adds_the_hcma_loss_on_its_y_t(name, switches):
+    torch.manual_seed(0)
+    model = MarkupToImageModel(model_cfg=dataclasses.replace(TINY, **switches), image=IMAGE, vocab_size=30, hcma=HCMA)
+    params = dataclasses.replace(_params(model), hcma=HCMA)
+    plain_loss, plain_terms = get_objective(name)(model, _batch(seed=3), SCHED, params, 100)
+    batch = dataclasses.replace(_batch(seed=3), hcma=HcmaBatch(_hcma_layout(), torch.Generator().manual_seed(9)))
+    loss, terms = get_objective(name)(model, batch, SCHED, params, 100)
+    assert terms["hcma_boxes"] == 6.0 and {"hcma_global", "hcma_local"} <= set(terms)
+    want = plain_loss + 0.5 * terms["hcma_global"] + 2.0 * terms["hcma_local"]
+    torch.testing.assert_close(loss.detach(), want.detach(), rtol=0, atol=1e-5)
+    assert terms["loss_simple"] == plain_terms["loss_simple"]  # the denoiser saw the same y_t
+    loss.backward()
+    for part in (model.hcma.vit, model.hcma.global_head, model.hcma.local_head):
+        assert all(p.grad is not None for p in part.parameters())
+    assert model.hcma.local_head.out[-1].weight.grad.abs().sum() > 0
+    assert model.hcma.global_head.mlp[-1].weight.grad.abs().sum() > 0

@@ -2,18 +2,28 @@
 
 Layout (written by the render and tokenize stages):
 ``<rendered>/<split>.jsonl`` rows ``{"id", "markup", "image"}`` (image path relative to ``<rendered>``) and
-``<tokenized>/<split>.jsonl`` rows ``{"id", "ids"}``.
+``<tokenized>/<split>.jsonl`` rows ``{"id", "ids"}``; with ``layouts=True`` also ``<rendered>/layouts.jsonl``
+(:func:`markup2image.data.layouts.load_layouts`) and ``<tokenized>/tokenizer.json``.
+
+Layouts (HCMA, design §8): each box names its markup segment by characters; the tokenizer's character offsets map
+it onto the item's token ids (:func:`markup2image.models.hcma.item_layout`). An item without a layout, or whose
+stored ids are not what the tokenizer gives for its markup (then the offsets would not belong to those ids), gets
+no boxes.
 """
 
 from __future__ import annotations
 
+import logging
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from markup2image.io import load_image, read_jsonl
+
+log = logging.getLogger(__name__)
 
 
 def markup_key(markup: str) -> int:
@@ -22,11 +32,23 @@ def markup_key(markup: str) -> int:
 
 
 class MarkupImageDataset(torch.utils.data.Dataset):
-    """Items ``(image [C, H, W] float in [-1, 1], ids [N] int64, markup_key int)``."""
+    """Items ``(image [C, H, W] float in [-1, 1], ids [N] int64, markup_key int)``; with ``layouts=True`` a fourth
+    element, the item's :class:`~markup2image.models.hcma.ItemLayout` over its ``N`` ids (None: no boxes), at most
+    ``max_boxes`` boxes."""
 
-    def __init__(self, rendered_dir: str | Path, tokenized_dir: str | Path, split: str, channels: int) -> None:
+    def __init__(
+        self,
+        rendered_dir: str | Path,
+        tokenized_dir: str | Path,
+        split: str,
+        channels: int,
+        *,
+        layouts: bool = False,
+        max_boxes: int = 32,
+    ) -> None:
         self.root = Path(rendered_dir)
         self.channels = channels
+        self.max_boxes = max_boxes
         rows = read_jsonl(self.root / f"{split}.jsonl")
         ids = {r["id"]: r["ids"] for r in read_jsonl(Path(tokenized_dir) / f"{split}.jsonl")}
         missing = [r["id"] for r in rows if r["id"] not in ids]
@@ -37,6 +59,17 @@ class MarkupImageDataset(torch.utils.data.Dataset):
             )
         self.rows = rows
         self.token_ids = [ids[r["id"]] for r in rows]
+        self.layouts: dict[str, list] | None = None
+        self._tokenizer: Any = None
+        self._mismatched: set[str] = set()
+        if layouts:
+            from markup2image.data.layouts import load_layouts
+            from markup2image.text.tokenizer import load_tokenizer
+
+            self.layouts = load_layouts(self.root)
+            self._tokenizer = load_tokenizer(tokenized_dir)
+            with_layout = sum(r["id"] in self.layouts for r in rows)
+            log.info("%s/%s: %d of %d items have a layout", rendered_dir, split, with_layout, len(rows))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -44,15 +77,35 @@ class MarkupImageDataset(torch.utils.data.Dataset):
     def image(self, i: int) -> np.ndarray:
         return load_image(self.root / self.rows[i]["image"], self.channels)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def layout(self, i: int, image_size: tuple[int, int]) -> Any:
+        """Item ``i``'s :class:`~markup2image.models.hcma.ItemLayout` (None: no boxes); ``image_size = (H, W)``."""
+        from markup2image.models.hcma import item_layout
+
+        row = self.rows[i]
+        boxes = self.layouts.get(row["id"]) if self.layouts is not None else None
+        if not boxes:
+            return None
+        enc = self._tokenizer.encode(row["markup"])
+        if enc.ids != self.token_ids[i]:
+            if row["id"] not in self._mismatched:  # once per item, not once per epoch
+                self._mismatched.add(row["id"])
+                log.warning("%s: stored token ids differ from the tokenizer's; its layout is not used", row["id"])
+            return None
+        return item_layout(boxes, row["markup"], enc, image_size, self.max_boxes)
+
+    def __getitem__(self, i: int) -> tuple:
         arr = self.image(i)
         arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # (C, H, W)
         img = torch.from_numpy(arr.astype(np.float32) / 127.5 - 1.0)
-        return img, torch.tensor(self.token_ids[i], dtype=torch.long), markup_key(self.rows[i]["markup"])
+        item = (img, torch.tensor(self.token_ids[i], dtype=torch.long), markup_key(self.rows[i]["markup"]))
+        if self.layouts is None:
+            return item
+        return (*item, self.layout(i, (arr.shape[1], arr.shape[2])))
 
 
-def collate(items: list[tuple[torch.Tensor, torch.Tensor, int]], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Stack images; pad token ids to the longest item; mask ``[B, N]``."""
+def collate(items: list[tuple], pad_id: int = 0) -> dict[str, Any]:
+    """Stack images; pad token ids to the longest item; mask ``[B, N]``; items with a layout (4-tuples) also give
+    ``layout``, a :class:`~markup2image.models.hcma.LayoutBatch` over the same ``N`` positions."""
     images = torch.stack([it[0] for it in items])
     n = max(len(it[1]) for it in items)
     ids = torch.full((len(items), n), pad_id, dtype=torch.long)
@@ -61,4 +114,9 @@ def collate(items: list[tuple[torch.Tensor, torch.Tensor, int]], pad_id: int = 0
         ids[i, : len(it[1])] = it[1]
         mask[i, : len(it[1])] = 1
     keys = torch.tensor([it[2] for it in items], dtype=torch.long)
-    return {"images": images, "input_ids": ids, "attention_mask": mask, "markup_keys": keys}
+    out: dict[str, Any] = {"images": images, "input_ids": ids, "attention_mask": mask, "markup_keys": keys}
+    if len(items[0]) > 3:
+        from markup2image.models.hcma import stack_layouts
+
+        out["layout"] = stack_layouts([it[3] for it in items], n)
+    return out

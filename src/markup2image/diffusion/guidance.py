@@ -13,9 +13,9 @@ so the sampler's x̂0 moves along ``-grad E`` and each step lowers the alignment
 with ``eps_hat`` unchanged (DDIM, DDPM and DPM-Solver++ alike). Grounded generation passes a layout (boxes of
 markup segments, :mod:`markup2image.data.layouts`): the local term pulls each segment towards its box.
 
-:func:`guided_sample_images` is :func:`markup2image.diffusion.sampling.sample_images` with that one change: same
-schedulers (``make_scheduler``), same numpy-seeded noise (one ``default_rng(seed)`` per batch: the initial noise,
-then the DDPM variance noise step by step). With both scales 0 it returns exactly what ``sample_images`` returns.
+:func:`guided_sample_images` runs :func:`markup2image.diffusion.sampling.sample_images` itself on a
+:class:`GuidedDenoiser` (the model with that one change to its noise prediction): same loop, schedulers and
+numpy-seeded noise. With both scales 0 it returns exactly what ``sample_images`` returns.
 """
 
 from __future__ import annotations
@@ -26,16 +26,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
-from tqdm.auto import tqdm
 
 from markup2image.config import DiffusionConfig
-from markup2image.diffusion.sampling import check_steps, eta_for, make_scheduler, to_uint8
+from markup2image.diffusion.sampling import make_scheduler, sample_images, to_uint8
 from markup2image.models.hcma import HcmaModule, LayoutBatch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["alignment_energy", "alignment_guidance", "guided_sample_images", "sample_with_layout"]
+__all__ = ["GuidedDenoiser", "alignment_energy", "alignment_guidance", "guided_sample_images", "sample_with_layout"]
 
 
 def alignment_energy(
@@ -88,7 +86,41 @@ def alignment_guidance(
     return grad, energy.detach()
 
 
-@torch.no_grad()
+class GuidedDenoiser:
+    """A denoiser (``image``, ``encode``, ``denoise``) whose noise prediction carries the HCMA guidance:
+    ``denoise(x_t, t, hidden, mask) = eps_theta + sqrt(1 - alpha_bar_t) * grad_x E(x_t)``.
+
+    :func:`markup2image.diffusion.sampling.sample_images` runs it like any model, so guided sampling shares its
+    loop, schedulers and noise. ``alphas_cumprod [T]``: the training schedule's ``alpha_bar``.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        hcma: HcmaModule,
+        alphas_cumprod: torch.Tensor,
+        layout: LayoutBatch | None,
+        *,
+        guidance_global: float,
+        guidance_local: float,
+    ) -> None:
+        self.model, self.hcma, self.image = model, hcma, model.image
+        self.unet = getattr(model, "unet", None)  # what sample_images' cross-attention K/V cache looks for
+        self.alphas_cumprod, self.layout = alphas_cumprod, layout
+        self.scales = {"guidance_global": guidance_global, "guidance_local": guidance_local}
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(input_ids, attention_mask)
+
+    def denoise(
+        self, x_t: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        eps = self.model.denoise(x_t, timesteps, hidden, mask)  # (B, C, H, W)
+        grad, _ = alignment_guidance(self.hcma, x_t, timesteps, hidden, mask, self.layout, **self.scales)
+        abar = self.alphas_cumprod[timesteps.cpu()].to(device=x_t.device, dtype=eps.dtype)  # (B,)
+        return eps + (1.0 - abar).sqrt().view(-1, 1, 1, 1) * grad
+
+
 def guided_sample_images(
     model: torch.nn.Module,
     hcma: HcmaModule | None,
@@ -105,42 +137,22 @@ def guided_sample_images(
     progress: bool = False,
 ) -> torch.Tensor:
     """Sample one batch with HCMA guidance. ``input_ids, attention_mask [B, N]`` -> images in [-1, 1],
-    ``[B, C, H, W]`` float32. ``layout`` (boxes over the same ``N`` token positions) enables the local term."""
-    check_steps(sampler, steps, diffusion)
-    guided = hcma is not None and (guidance_global > 0 or (guidance_local > 0 and layout is not None))
+    ``[B, C, H, W]`` float32. ``layout`` (boxes over the same ``N`` token positions) enables the local term.
+    Without guidance (scales 0, or only a local scale and no layout) this is exactly ``sample_images``."""
+    kw = dict(sampler=sampler, steps=steps, seed=seed, diffusion=diffusion, progress=progress)
     if (guidance_global > 0 or guidance_local > 0) and hcma is None:
         raise ValueError("hcma.guidance_global / hcma.guidance_local: guidance needs a model trained with HCMA")
     if guidance_local > 0 and layout is None:
         log.warning("hcma.guidance_local is %g but no layout was given: local guidance is off", guidance_local)
-    device = input_ids.device
-    img = model.image
-    shape = (input_ids.shape[0], img.channels, img.height, img.width)
-    rng = np.random.default_rng(seed)
-    x = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)).to(device)
-    sched = make_scheduler(sampler, diffusion)
-    sched.set_timesteps(steps)
-    hidden = model.encode(input_ids, attention_mask)  # (B, N, D), once per batch
-    layout = layout.to(device) if layout is not None else None
-    eta = eta_for(sampler)
-    for t in tqdm(sched.timesteps, desc=f"guided {sampler} sampling", disable=not progress, leave=False):
-        tt = torch.full((shape[0],), int(t), device=device, dtype=torch.long)
-        eps = model.denoise(x, tt, hidden, attention_mask)
-        if guided:
-            assert hcma is not None
-            grad, _ = alignment_guidance(
-                hcma, x, tt, hidden, attention_mask, layout if guidance_local > 0 else None,
-                guidance_global=guidance_global, guidance_local=guidance_local,
-            )  # fmt: skip
-            sigma = (1.0 - sched.alphas_cumprod[int(t)]).sqrt().to(device=device, dtype=eps.dtype)
-            eps = eps + sigma * grad
-        if isinstance(sched, DDIMScheduler):
-            noise = None
-            if eta > 0:
-                noise = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)).to(device)
-            x = sched.step(eps, int(t), x, eta=eta, use_clipped_model_output=True, variance_noise=noise).prev_sample
-        else:
-            x = sched.step(eps, t, x).prev_sample
-    return x.clamp(-1, 1)
+        guidance_local = 0.0
+    if hcma is None or not (guidance_global > 0 or guidance_local > 0):
+        return sample_images(model, input_ids, attention_mask, **kw)
+    alphas = make_scheduler(sampler, diffusion).alphas_cumprod  # (T,) the training schedule
+    layout = layout.to(input_ids.device) if layout is not None and guidance_local > 0 else None
+    guided = GuidedDenoiser(
+        model, hcma, alphas, layout, guidance_global=guidance_global, guidance_local=guidance_local
+    )
+    return sample_images(guided, input_ids, attention_mask, **kw)
 
 
 def sample_with_layout(
@@ -163,8 +175,10 @@ def sample_with_layout(
     ``span``; a render stage's ``layouts/<id>.json`` works as is). Writes the uint8 image to ``out`` (and, with
     ``boxes_out``, a copy with the boxes drawn) and returns it.
 
-    Guidance scales default to the ``hcma.guidance_*`` values the HCMA module was trained with; the diffusion
-    schedule to the model's training params. Raises ``ValueError`` naming the file or key on bad input.
+    The HCMA module is the model's own (``model.hcma``) or one saved beside it (:func:`save_hcma`). Guidance
+    scales default to the ``hcma.guidance_*`` values the HCMA module was trained with; the diffusion schedule to the
+    model's training params. Raises ``ValueError`` naming the file or key on bad input (a box outside the image,
+    a segment outside the markup, no box naming any segment).
     """
     from markup2image.config import _check_type
     from markup2image.data.layouts import draw_boxes, read_layout_file
@@ -178,7 +192,7 @@ def sample_with_layout(
         raise FileNotFoundError(f"{model_dir}: not a trained model folder (expected models/<domain>/model)")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(model_dir, map_location=device).to(device)
-    hcma = load_hcma(model_dir, map_location=device)
+    hcma = model.hcma if model.hcma is not None else load_hcma(model_dir, map_location=device)
     if hcma is None:
         raise ValueError(
             f"{model_dir}: the model has no HCMA module; train it with hcma.global_weight or hcma.local_weight > 0"
@@ -194,9 +208,17 @@ def sample_with_layout(
     layout = None
     if boxes:
         hw = (model.image.height, model.image.width)
-        layout = layout_batch([boxes], [markup], tok, ids.shape[1], hw, hcma.cfg.max_boxes)
+        for i, b in enumerate(boxes):
+            if min(b["box"]) < 0 or b["box"][2] > hw[1] or b["box"][3] > hw[0]:
+                raise ValueError(f"{layout_path}: box {i} {b['box']} is outside the model's {hw[1]}x{hw[0]} image")
+        try:
+            layout = layout_batch([boxes], [markup], tok, ids.shape[1], hw, hcma.cfg.max_boxes)
+        except ValueError as exc:
+            raise ValueError(f"{layout_path}: {exc}") from None
         if not bool(layout.box_mask.any()):
             raise ValueError(f"{layout_path}: no box names a segment of the markup {markup[:60]!r}")
+        if lo <= 0:
+            log.warning("%s: hcma.guidance_local is 0, so the layout does not steer the sample", layout_path)
     images = guided_sample_images(
         model, hcma, torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device),
         sampler=sampler, steps=steps, seed=seed, diffusion=diffusion,

@@ -15,6 +15,11 @@ runs without gradients on the unwrapped model.
 * ``fsa_cdm``: ``beta L_fa + L_simple(y0) + L_simple(y0') + lambda mean_k exp(-2 L_simple(negative_k)) + L_infonce``
   (FSA-CDM eq. 10 in L_simple form); the terms whose switch (``model.fsa``, ``model.con_aug``) is off drop out.
 
+HCMA (design §8): when the batch carries ``hcma`` (the model has an HCMA module), every objective adds
+``hcma.global_weight L_global + hcma.local_weight L_local`` on the noisy images ``y_t`` its denoiser call sees
+(for ``ss_dm`` the rolled-out ``y_t``), computed inside that same ``forward`` call; its terms are logged as
+``hcma_global``, ``hcma_local`` and ``hcma_boxes``. Without it, the model calls are exactly those of before.
+
 Negatives (``cdcd``, ``fsa_cdm``): for each item, ``train.num_negatives`` other images of the same batch whose
 markup key differs, each paired with the item's own markup, noised at the item's ``t`` with fresh noise. When an
 item has fewer than K such images, :func:`choose_negatives` cycles through a random order of the valid ones
@@ -33,6 +38,8 @@ from diffusers import DDPMScheduler
 from markup2image.config import DiffusionConfig, Params
 from markup2image.diffusion.losses import info_nce_loss, negative_elbo_penalty, simple_loss
 from markup2image.diffusion.sampling import scheduler_config
+from markup2image.models.hcma import HcmaBatch
+from markup2image.models.model import DenoiserOutput
 
 __all__ = [
     "OBJECTIVES",
@@ -57,7 +64,8 @@ class TrainBatch:
 
     images: ``y0 [B, C, H, W]`` in [-1, 1]; input_ids / attention_mask: ``[B, N]``; markup_keys: one int per
     item identifying its markup (equal markup -> equal key), for choosing negatives; noise: ``eps [B, C, H, W]``;
-    timesteps: ``[B]`` int64; generator: for any further randomness the objective needs.
+    timesteps: ``[B]`` int64; generator: for any further randomness the objective needs; hcma: layouts and the
+    translation generator for the HCMA loss (None: the model has no HCMA module).
     """
 
     images: torch.Tensor
@@ -68,6 +76,27 @@ class TrainBatch:
     timesteps: torch.Tensor
     generator: torch.Generator | None = None
     extras: dict = field(default_factory=dict)
+    hcma: HcmaBatch | None = None
+
+
+def _hcma_kwargs(batch: TrainBatch) -> dict:
+    """``forward`` keywords that add the HCMA loss (none when the batch has no HCMA part)."""
+    return {} if batch.hcma is None else {"hcma_batch": batch.hcma}
+
+
+def _eps_and_hcma(
+    out: torch.Tensor | DenoiserOutput, loss_terms: dict[str, float]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The noise prediction of a ``forward`` result and its HCMA loss (None without); HCMA terms go into
+    ``loss_terms``."""
+    if not isinstance(out, DenoiserOutput):
+        return out, None
+    loss_terms |= out.hcma_terms
+    return out.sample, out.hcma_loss
+
+
+def _plus(loss: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+    return loss if extra is None else loss + extra
 
 
 def noise_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
@@ -103,10 +132,12 @@ def ddpm_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Plain DDPM: MSE between the true and predicted noise."""
     y_t = sched.add_noise(batch.images, batch.noise, batch.timesteps)
-    eps_pred = model(y_t, batch.timesteps, batch.input_ids, batch.attention_mask)
+    terms: dict = {}
+    out = model(y_t, batch.timesteps, batch.input_ids, batch.attention_mask, **_hcma_kwargs(batch))
+    eps_pred, hcma = _eps_and_hcma(out, terms)
     per_item = simple_loss(eps_pred, batch.noise)
     loss = per_item.mean()
-    return loss, {"loss_simple": loss.item(), "per_item": per_item.detach()}
+    return _plus(loss, hcma), terms | {"loss_simple": loss.item(), "per_item": per_item.detach()}
 
 
 # -- ss_dm ------------------------------------------------------------------------------------------------------
@@ -155,10 +186,13 @@ def ss_dm_loss(
     y_t = scheduled_sampling_rollout(_unwrap(model), batch, sched, m)
     ab = _alpha_bar(sched, batch.timesteps, y_t)
     target = (y_t - ab.sqrt() * batch.images) / (1 - ab).sqrt()
-    eps_pred = model(y_t, batch.timesteps, batch.input_ids, batch.attention_mask)
+    terms: dict = {}
+    out = model(y_t, batch.timesteps, batch.input_ids, batch.attention_mask, **_hcma_kwargs(batch))
+    eps_pred, hcma = _eps_and_hcma(out, terms)
     per_item = simple_loss(eps_pred, target)
     loss = per_item.mean()
-    return loss, {"loss_simple": loss.item(), "ss_m": float(m), "ss_prob": prob, "per_item": per_item.detach()}
+    terms |= {"loss_simple": loss.item(), "ss_m": float(m), "ss_prob": prob, "per_item": per_item.detach()}
+    return _plus(loss, hcma), terms
 
 
 # -- negatives and positives ------------------------------------------------------------------------------------
@@ -237,19 +271,22 @@ def cdcd_loss(
     y_t = sched.add_noise(batch.images, batch.noise, batch.timesteps)
     y_neg, eps_neg, t_neg, idx_neg, valid = _negative_views(batch, sched, k)
     text_index = torch.cat([torch.arange(b, device=y_t.device), idx_neg])
-    eps_pred = model(
+    terms: dict = {}
+    out = model(
         torch.cat([y_t, y_neg]),
         torch.cat([batch.timesteps, t_neg]),
         batch.input_ids,
         batch.attention_mask,
         text_index=text_index,
+        **_hcma_kwargs(batch),
     )
+    eps_pred, hcma = _eps_and_hcma(out, terms)
     losses = simple_loss(eps_pred, torch.cat([batch.noise, eps_neg]))
     per_item, neg = losses[:b], losses[b:].view(b, k)
     w = valid.to(neg.dtype)
     neg_mean = ((neg * w).sum(1) / w.sum(1).clamp(min=1)).mean()
     loss = per_item.mean() - params.train.cdcd_weight * neg_mean
-    return loss, {
+    return _plus(loss, hcma), terms | {
         "loss_simple": per_item.mean().item(),
         "loss_negative": neg_mean.item(),
         "per_item": per_item.detach(),
@@ -273,8 +310,10 @@ def fsa_cdm_loss(
     align = batch.images if cfg.fsa else None
     terms: dict[str, float] = {}
     if not cfg.con_aug:
-        out = model(y_t, batch.timesteps, batch.input_ids, batch.attention_mask, align_images=align)
-        eps_pred = out if align is None else out.sample
+        out = model(
+            y_t, batch.timesteps, batch.input_ids, batch.attention_mask, align_images=align, **_hcma_kwargs(batch)
+        )
+        eps_pred, hcma = _eps_and_hcma(out, terms)
         per_item = simple_loss(eps_pred, batch.noise)
         loss = per_item.mean()
     else:
@@ -292,7 +331,9 @@ def fsa_cdm_loss(
             text_index=torch.cat([own, own, idx_neg]),
             align_images=align,
             return_mid=True,
+            **_hcma_kwargs(batch),
         )
+        _, hcma = _eps_and_hcma(out, terms)
         losses = simple_loss(out.sample, torch.cat([batch.noise, eps_pos, eps_neg]))
         per_item, pos_simple, neg_simple = losses[:b], losses[b : 2 * b], losses[2 * b :].view(b, k)
         z = out.mid_projection
@@ -305,7 +346,7 @@ def fsa_cdm_loss(
         loss = loss + params.beta * out.alignment_loss
         terms["loss_fa"] = out.alignment_loss.item()
     terms |= {"loss_simple": per_item.mean().item(), "per_item": per_item.detach()}
-    return loss, terms
+    return _plus(loss, hcma), terms
 
 
 ObjectiveFn = Callable[[torch.nn.Module, TrainBatch, DDPMScheduler, Params, int], tuple[torch.Tensor, dict]]

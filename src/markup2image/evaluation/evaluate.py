@@ -2,6 +2,11 @@
 
 Protocol: the test split shuffled with seed 42 (``evaluate.seed``), the first ``evaluate.num_samples`` items;
 images saved as 8-bit PNGs; scored in grayscale. The blank-image baseline (all white) is always reported.
+
+HCMA (design §8): a model with an HCMA module samples with guidance at the ``hcma.guidance_global`` /
+``hcma.guidance_local`` scales (the local term grounded on each test item's renderer layout, where it has one). For
+test items with a layout, the layout accuracy of the samples (``layout_f1``, ``ink_in_boxes``, ``box_fill`` against
+the gold image's ink, :mod:`markup2image.evaluation.layout_metrics`) is reported with or without HCMA.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from markup2image.config import Params
-from markup2image.diffusion.sampling import sample_images, to_uint8
+from markup2image.diffusion.guidance import guided_sample_images
+from markup2image.diffusion.sampling import to_uint8
 from markup2image.io import load_image, read_jsonl, save_png, write_json
 from markup2image.models.model import load_model
 from markup2image.text.tokenizer import encode_batch, load_tokenizer
@@ -41,6 +47,7 @@ def device_name() -> str:
 
 def evaluate(params: Params, domain: str, model_dir: Path, rendered_dir: Path, out_dir: Path) -> dict:
     """Sample, score and write ``metrics.json``, ``scores.json``, ``grid.png`` and ``samples/`` into ``out_dir``."""
+    from markup2image.data.layouts import load_layouts
     from markup2image.evaluation.report import save_comparison_grid
     from markup2image.evaluation.score import score_arrays
 
@@ -51,6 +58,8 @@ def evaluate(params: Params, domain: str, model_dir: Path, rendered_dir: Path, o
     items = select_test_items(read_jsonl(rendered_dir / "test.jsonl"), cfg.num_samples, cfg.seed)
     if not items:
         raise ValueError(f"{rendered_dir}/test.jsonl: no rendered test items to evaluate")
+    layouts = load_layouts(rendered_dir)
+    guidance = guidance_scales(params, model)
     channels = model.image.channels
     preds, golds, names = [], [], []
     t0 = time.perf_counter()
@@ -58,14 +67,17 @@ def evaluate(params: Params, domain: str, model_dir: Path, rendered_dir: Path, o
     for b, start in enumerate(tqdm(batches, desc=f"evaluate {domain}")):
         chunk = items[start : start + cfg.batch_size]
         ids, mask = encode_batch(tok, [r["markup"] for r in chunk], model.model_cfg.max_text_length)
-        images = sample_images(
+        images = guided_sample_images(
             model,
+            model.hcma,
             torch.from_numpy(ids).to(device),
             torch.from_numpy(mask).to(device),
             sampler=cfg.sampler,
             steps=cfg.steps,
             seed=cfg.seed + b,  # one generator per batch
             diffusion=params.diffusion,
+            layout=_chunk_layout(model, tok, chunk, layouts, ids.shape[1]) if guidance["guidance_local"] else None,
+            **guidance,
         )
         for r, img in zip(chunk, to_uint8(images)):
             save_png(out_dir / "samples" / f"{r['id']}.png", img)
@@ -76,6 +88,7 @@ def evaluate(params: Params, domain: str, model_dir: Path, rendered_dir: Path, o
     scores = score_arrays(preds, golds, names)
     n_params = sum(p.numel() for p in model.parameters())
     metrics = flat_metrics(scores, n_params=n_params, seconds_per_image=seconds / len(items), n=len(items))
+    metrics |= layout_accuracy(preds, golds, [layouts.get(n) for n in names])
     run = {
         "sampler": cfg.sampler,
         "steps": cfg.steps,
@@ -84,6 +97,7 @@ def evaluate(params: Params, domain: str, model_dir: Path, rendered_dir: Path, o
         "seconds_per_image": seconds / len(items),
         "parameters": n_params,
         "num_samples": len(items),
+        **guidance,
     }
     write_json(out_dir / "metrics.json", metrics)
     write_json(out_dir / "scores.json", scores | {"run": run})
@@ -91,6 +105,42 @@ def evaluate(params: Params, domain: str, model_dir: Path, rendered_dir: Path, o
     save_comparison_grid(golds, preds, out_dir / "grid.png", titles=names, max_items=cfg.grid_rows)
     log.info("evaluated %d %s items: DTW %.2f (blank %.2f)", len(items), domain, metrics["dtw"], metrics["blank_dtw"])
     return metrics
+
+
+def guidance_scales(params: Params, model: torch.nn.Module) -> dict[str, float]:
+    """``hcma.guidance_global`` / ``hcma.guidance_local`` for a model with an HCMA module (0 for one without, with a
+    warning when params ask for guidance); raises naming the key when the module lacks the head a scale needs."""
+    h = params.hcma
+    if model.hcma is None:
+        if h.guidance_global or h.guidance_local:
+            log.warning("hcma.guidance_*: the model has no HCMA module (trained with both weights 0); no guidance")
+        return {"guidance_global": 0.0, "guidance_local": 0.0}
+    for key, head in (("guidance_global", model.hcma.global_head), ("guidance_local", model.hcma.local_head)):
+        if getattr(h, key) > 0 and head is None:
+            raise ValueError(f"hcma.{key}: the model's HCMA module was trained without this module (weight 0)")
+    return {"guidance_global": h.guidance_global, "guidance_local": h.guidance_local}
+
+
+def _chunk_layout(model: torch.nn.Module, tok, chunk: list[dict], layouts: dict, num_tokens: int):
+    """The renderer layouts of a batch of test items (items without one get no boxes)."""
+    from markup2image.models.hcma import layout_batch
+
+    hw = (model.image.height, model.image.width)
+    return layout_batch(
+        [layouts.get(r["id"]) for r in chunk], [r["markup"] for r in chunk], tok, num_tokens, hw,
+        model.hcma.cfg.max_boxes,
+    )  # fmt: skip
+
+
+def layout_accuracy(preds: list[np.ndarray], golds: list[np.ndarray], layouts: list) -> dict[str, float]:
+    """Mean ``layout_f1`` / ``ink_in_boxes`` / ``box_fill`` of the samples over the items with a layout (against the
+    gold image's ink), and how many items that was; empty when no item has one."""
+    from markup2image.evaluation.layout_metrics import layout_scores, mean_layout_scores
+
+    scored = [layout_scores(p, boxes, gold=g) for p, g, boxes in zip(preds, golds, layouts) if boxes]
+    if not scored:
+        return {}
+    return mean_layout_scores(scored) | {"layout_items": len(scored)}
 
 
 def flat_metrics(scores: dict, *, n_params: int, seconds_per_image: float, n: int) -> dict[str, float]:

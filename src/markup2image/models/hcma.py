@@ -6,12 +6,16 @@ Adapted from "Hierarchical Cross-modal Alignment for Grounded Text-to-Image Gene
   [CLS] token; an MLP maps [CLS] to the markup feature size ``D``. ``L_global = 1 - cos(g, t_bar)`` with ``t_bar``
   the masked mean of the markup features ``t [B, N, D]`` over valid tokens.
 * **Local alignment.** Each layout box ``k`` (a markup segment, :mod:`markup2image.data.layouts`) gets a Fourier
-  embedding of its coordinates, fused with every patch feature (``GELU(W_p v_p + W_b e_k)``) and mean-pooled over
-  the patches whose centres fall inside the box (a box too small to hold a patch centre uses the patch under its
-  own centre, so no box is empty); an MLP projects the pooled feature to ``D``.
+  embedding of its coordinates, fused with the patch features of ``y_t`` (``GELU(W_p v_p + W_b e_k)``) and
+  mean-pooled over the patches whose centres fall inside the box (a box too small to hold a patch centre uses the
+  patch under its own centre, so no box is empty); an MLP projects the pooled feature to ``D``.
   ``L_local = mean over valid boxes of 1 - cos(f_k, s_k)``, ``s_k`` the mean markup feature of the segment's tokens.
-* Both losses share the ViT. ``hcma.global_weight`` / ``hcma.local_weight`` weight them in the training loss; a
-  head whose weight is 0 is not built, and with both at 0 :func:`build_hcma` returns None (no parameters at all).
+  The local patch features come from a convolutional patch encoder whose receptive field is the patch (plus one
+  pixel), NOT from the ViT: see :class:`LocalPatchEncoder` for the shortcut that ViT features allowed.
+* ``hcma.translate`` (training): each (``y_t``, boxes) pair is rolled by a random in-canvas offset
+  (:func:`random_translate`), since every training image shows its segments at one place only.
+* ``hcma.global_weight`` / ``hcma.local_weight`` weight the two losses in the training loss; a module whose weight
+  is 0 is not built, and with both at 0 :func:`build_hcma` returns None (no parameters at all).
 * With ``hcma.detach_text`` (default) the markup features are a fixed target here: the alignment trains the image
   side and cannot pull the markup encoder towards a collapsed, trivially alignable representation.
 
@@ -21,8 +25,11 @@ adds ``[BOS]``/``[EOS]``), so :func:`layout_batch` maps characters to token posi
 ``offsets``: token ``n`` belongs to box ``k`` when its character range overlaps the segment's, special tokens never
 do. A segment whose tokens were all truncated away is masked out.
 
-The module is saved beside the denoiser (``hcma_config.json`` + ``hcma.safetensors`` in the model folder,
-:func:`save_hcma` / :func:`load_hcma`), so sampling-time guidance (:mod:`markup2image.diffusion.guidance`) finds it.
+Training: the denoiser owns the module as its ``hcma`` submodule (``MarkupToImageModel`` built with the ``hcma``
+params), so the optimizer, EMA, DDP, checkpoints and ``model.save`` carry it: the model folder's
+``model_config.json`` holds its config under ``hcma_module`` and ``model.safetensors`` its ``hcma.*`` weights.
+:func:`save_hcma` writes a module trained on its own beside a model (``hcma_config.json`` + ``hcma.safetensors``);
+:func:`load_hcma` reads either, so sampling-time guidance (:mod:`markup2image.diffusion.guidance`) finds it.
 """
 
 from __future__ import annotations
@@ -48,19 +55,25 @@ __all__ = [
     "HCMA_CONFIG",
     "HCMA_WEIGHTS",
     "GlobalAlignmentHead",
+    "HcmaBatch",
     "HcmaModule",
+    "ItemLayout",
     "LayoutBatch",
     "LocalAlignmentHead",
+    "LocalPatchEncoder",
     "NoisyImageViT",
     "build_hcma",
     "fourier_box_embedding",
     "global_alignment_loss",
     "hcma_loss",
+    "item_layout",
     "layout_batch",
     "load_hcma",
     "local_alignment_loss",
     "masked_mean",
+    "random_translate",
     "save_hcma",
+    "stack_layouts",
 ]
 
 HCMA_CONFIG = "hcma_config.json"
@@ -88,14 +101,70 @@ class LayoutBatch:
         return LayoutBatch(self.boxes.to(device), self.box_mask.to(device), self.segment_mask.to(device))
 
 
+def _pair(box: LayoutBox, key: str) -> tuple[int, int]:
+    value = box[key]  # type: ignore[literal-required]
+    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value)):
+        raise ValueError(f"layout {key!r} must be two integers [start, end], got {value!r}")
+    return value[0], value[1]
+
+
 def _segment_chars(markup: str, box: LayoutBox) -> tuple[int, int]:
     if "chars" in box:
-        return int(box["chars"][0]), int(box["chars"][1])
+        return _pair(box, "chars")
     toks = whitespace_token_chars(markup)
-    w0, w1 = int(box["span"][0]), int(box["span"][1])
+    w0, w1 = _pair(box, "span")
     if not 0 <= w0 < w1 <= len(toks):
         raise ValueError(f"layout span {[w0, w1]} is outside the {len(toks)} whitespace tokens of {markup[:60]!r}")
     return toks[w0][0], toks[w1 - 1][1]
+
+
+@dataclass
+class ItemLayout:
+    """One item's layout over its own ``n`` token positions: ``boxes [k, 4]`` (fractions), ``box_mask [k]``,
+    ``segment_mask [k, n]`` (see :class:`LayoutBatch`)."""
+
+    boxes: torch.Tensor
+    box_mask: torch.Tensor
+    segment_mask: torch.Tensor
+
+
+def item_layout(
+    layout: Sequence[LayoutBox], markup: str, encoding: Any, image_size: tuple[int, int], max_boxes: int
+) -> ItemLayout:
+    """The first ``max_boxes`` boxes of one item mapped onto the token positions of ``encoding`` (the
+    ``tokenizers.Encoding`` of ``markup``, possibly truncated): token ``n`` belongs to box ``k`` when its character
+    range overlaps the segment's; special tokens never do. ``image_size = (height, width)`` in pixels."""
+    h, w = image_size
+    offsets = torch.tensor(encoding.offsets, dtype=torch.long).reshape(-1, 2)  # (n, 2) characters
+    plain = torch.tensor(encoding.special_tokens_mask, dtype=torch.long).reshape(-1) == 0  # (n,)
+    chosen = list(layout[:max_boxes])
+    boxes = torch.zeros(len(chosen), 4)
+    segment_mask = torch.zeros(len(chosen), offsets.shape[0], dtype=torch.bool)
+    box_mask = torch.zeros(len(chosen), dtype=torch.bool)
+    for k, box in enumerate(chosen):
+        c0, c1 = _segment_chars(markup, box)
+        x0, y0, x1, y1 = box["box"]
+        boxes[k] = torch.tensor([x0 / w, y0 / h, x1 / w, y1 / h], dtype=torch.float32)
+        segment_mask[k] = plain & (offsets[:, 0] < c1) & (offsets[:, 1] > c0)
+        box_mask[k] = bool(segment_mask[k].any()) and x1 > x0 and y1 > y0
+    return ItemLayout(boxes, box_mask, segment_mask)
+
+
+def stack_layouts(items: Sequence[ItemLayout | None], num_tokens: int) -> LayoutBatch:
+    """Per-item layouts (None = no layout) -> a :class:`LayoutBatch` padded to the batch's most boxes (at least
+    one, so an all-empty batch still has a ``[B, 1, ...]`` layout with every box off) and to ``num_tokens``."""
+    k_size = max(1, max((it.boxes.shape[0] for it in items if it is not None), default=0))
+    boxes = torch.zeros(len(items), k_size, 4)
+    box_mask = torch.zeros(len(items), k_size, dtype=torch.bool)
+    segment_mask = torch.zeros(len(items), k_size, num_tokens, dtype=torch.bool)
+    for i, it in enumerate(items):
+        if it is None:
+            continue
+        k, n = it.boxes.shape[0], min(it.segment_mask.shape[1], num_tokens)
+        boxes[i, :k] = it.boxes
+        segment_mask[i, :k, :n] = it.segment_mask[:, :n]
+        box_mask[i, :k] = it.box_mask & segment_mask[i, :k].any(-1)  # a segment truncated away is off
+    return LayoutBatch(boxes, box_mask, segment_mask)
 
 
 def layout_batch(
@@ -111,26 +180,23 @@ def layout_batch(
     ``tokenizer`` is the ``tokenizers.Tokenizer`` that made the ids (``encode(markup)`` must give the same ids,
     truncated to ``num_tokens``); ``image_size = (height, width)`` in pixels. At most ``max_boxes`` per item.
     """
-    h, w = image_size
-    b_size = len(markups)
-    k_size = max(1, min(max_boxes, max((len(x or []) for x in layouts), default=0)))
-    boxes = torch.zeros(b_size, k_size, 4)
-    box_mask = torch.zeros(b_size, k_size, dtype=torch.bool)
-    segment_mask = torch.zeros(b_size, k_size, num_tokens, dtype=torch.bool)
-    for i, (layout, markup) in enumerate(zip(layouts, markups, strict=True)):
-        if not layout:
-            continue
-        enc = tokenizer.encode(markup)
-        offsets = torch.tensor(enc.offsets[:num_tokens], dtype=torch.long).reshape(-1, 2)  # (n, 2) characters
-        plain = torch.tensor(enc.special_tokens_mask[:num_tokens], dtype=torch.long) == 0  # (n,)
-        n = offsets.shape[0]
-        for k, box in enumerate(layout[:k_size]):
-            c0, c1 = _segment_chars(markup, box)
-            x0, y0, x1, y1 = box["box"]
-            boxes[i, k] = torch.tensor([x0 / w, y0 / h, x1 / w, y1 / h], dtype=torch.float32)
-            segment_mask[i, k, :n] = plain & (offsets[:, 0] < c1) & (offsets[:, 1] > c0)
-            box_mask[i, k] = bool(segment_mask[i, k].any()) and x1 > x0 and y1 > y0
-    return LayoutBatch(boxes, box_mask, segment_mask)
+    items = [
+        item_layout(layout, markup, tokenizer.encode(markup), image_size, max_boxes) if layout else None
+        for layout, markup in zip(layouts, markups, strict=True)
+    ]
+    return stack_layouts(items, num_tokens)
+
+
+@dataclass
+class HcmaBatch:
+    """What a training forward needs for the HCMA loss besides ``y_t`` and the markup: the batch's layouts
+    (None: no local term) and the generator of the ``hcma.translate`` offsets."""
+
+    layout: LayoutBatch | None
+    generator: torch.Generator | None = None
+
+    def to(self, device: torch.device | str) -> HcmaBatch:
+        return HcmaBatch(self.layout.to(device) if self.layout is not None else None, self.generator)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -150,17 +216,33 @@ def fourier_box_embedding(boxes: torch.Tensor, bands: int) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)  # (..., 4 * 2F)
 
 
-class NoisyImageViT(nn.Module):
-    """A small ViT over ``y_t``: ``[B, C, H, W]`` + timesteps ``[B]`` -> [CLS] ``[B, d]``, patches ``[B, P, d]``.
+def patch_grid(image: DomainConfig, patch_size: int) -> tuple[int, int]:
+    """``(Hp, Wp)`` patches of ``patch_size`` pixels; raises naming ``hcma.patch_size`` if they do not tile."""
+    if image.height % patch_size or image.width % patch_size:
+        raise ValueError(f"hcma.patch_size: {patch_size} does not divide the {image.height}x{image.width} image")
+    return image.height // patch_size, image.width // patch_size
 
-    ``centres`` (buffer ``[P, 2]``): each patch centre (x, y) as fractions of the width/height, row-major.
-    """
+
+def patch_centres(grid: tuple[int, int]) -> torch.Tensor:
+    """``[P, 2]`` centre (x, y) of each patch as fractions of the width/height, row-major."""
+    ys = (torch.arange(grid[0]) + 0.5) / grid[0]
+    xs = (torch.arange(grid[1]) + 0.5) / grid[1]
+    cy, cx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([cx.flatten(), cy.flatten()], dim=-1)
+
+
+def timestep_features(timesteps: torch.Tensor, batch: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """Sinusoidal embedding ``[B, dim]`` of ``timesteps`` (``[B]`` or a scalar)."""
+    emb = get_timestep_embedding(timesteps.expand(batch), dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+    return emb.to(dtype)
+
+
+class NoisyImageViT(nn.Module):
+    """A small ViT over ``y_t``: ``[B, C, H, W]`` + timesteps ``[B]`` -> [CLS] ``[B, d]``, patches ``[B, P, d]``."""
 
     def __init__(self, *, image: DomainConfig, patch_size: int, dim: int, layers: int, heads: int) -> None:
         super().__init__()
-        if image.height % patch_size or image.width % patch_size:
-            raise ValueError(f"hcma.patch_size: {patch_size} does not divide the {image.height}x{image.width} image")
-        self.grid = (image.height // patch_size, image.width // patch_size)  # (Hp, Wp)
+        self.grid = patch_grid(image, patch_size)  # (Hp, Wp)
         self.dim = dim
         num_patches = self.grid[0] * self.grid[1]
         self.patch_embedding = nn.Conv2d(image.channels, dim, kernel_size=patch_size, stride=patch_size)
@@ -172,18 +254,13 @@ class NoisyImageViT(nn.Module):
         )
         self.encoder = nn.TransformerEncoder(layer, num_layers=layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
-        ys = (torch.arange(self.grid[0]) + 0.5) / self.grid[0]
-        xs = (torch.arange(self.grid[1]) + 0.5) / self.grid[1]
-        cy, cx = torch.meshgrid(ys, xs, indexing="ij")
-        self.register_buffer("centres", torch.stack([cx.flatten(), cy.flatten()], dim=-1), persistent=False)
 
     def forward(self, sample: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b = sample.shape[0]
         patches = self.patch_embedding(sample).flatten(2).transpose(1, 2)  # (B, P, d)
         tokens = torch.cat([self.cls_token.expand(b, -1, -1), patches], dim=1) + self.position_embedding
-        t_emb = get_timestep_embedding(timesteps.expand(b), self.dim, flip_sin_to_cos=True, downscale_freq_shift=0)
-        tokens = tokens + self.time_mlp(t_emb.to(tokens.dtype))[:, None]  # (B, 1 + P, d)
-        h = self.norm(self.encoder(tokens))
+        tokens = tokens + self.time_mlp(timestep_features(timesteps, b, self.dim, tokens.dtype))[:, None]
+        h = self.norm(self.encoder(tokens))  # (B, 1 + P, d)
         return h[:, 0], h[:, 1:]
 
 
@@ -198,12 +275,43 @@ class GlobalAlignmentHead(nn.Module):
         return self.mlp(cls)
 
 
-class LocalAlignmentHead(nn.Module):
-    """Patches ``[B, P, d]`` + boxes ``[B, K, 4]`` -> box features ``f [B, K, D]``."""
+class LocalPatchEncoder(nn.Module):
+    """Local patch features of ``y_t``: ``[B, C, H, W]`` + timesteps ``[B]`` -> ``[B, P, d]``.
 
-    def __init__(self, dim: int, text_dim: int, bands: int) -> None:
+    Receptive field: the patch plus a one-pixel ring, nothing else. The ViT's patch features mix the whole image,
+    and a local head fed with them learned a shortcut on the demo data (which formula this is + the box's shape ->
+    the segment) that ignored what is inside the box: moving every box onto blank canvas left ``L_local`` unchanged.
+    With local features the box's content is what the head sees, and the gradient of ``L_local`` (guidance)
+    reaches only the pixels in and next to the box.
+    """
+
+    def __init__(self, *, image: DomainConfig, patch_size: int, dim: int) -> None:
+        super().__init__()
+        self.grid = patch_grid(image, patch_size)
+        self.dim = dim
+        self.conv = nn.Sequential(
+            nn.Conv2d(image.channels, dim // 2, kernel_size=3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(dim // 2, dim, kernel_size=patch_size, stride=patch_size),
+        )
+        self.time_mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.register_buffer("centres", patch_centres(self.grid), persistent=False)
+
+    def forward(self, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        h = self.conv(sample).flatten(2).transpose(1, 2)  # (B, P, d)
+        h = h + self.time_mlp(timestep_features(timesteps, sample.shape[0], self.dim, h.dtype))[:, None]
+        return h + self.mlp(h)
+
+
+class LocalAlignmentHead(nn.Module):
+    """``y_t [B, C, H, W]`` + timesteps + boxes ``[B, K, 4]`` -> box features ``f [B, K, D]``: local patch
+    features fused with the Fourier box embedding, mean-pooled over the box's patches, projected to ``D``."""
+
+    def __init__(self, *, image: DomainConfig, patch_size: int, dim: int, text_dim: int, bands: int) -> None:
         super().__init__()
         self.bands = bands
+        self.patches = LocalPatchEncoder(image=image, patch_size=patch_size, dim=dim)
         self.box_mlp = nn.Sequential(nn.Linear(8 * bands, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.patch_proj = nn.Linear(dim, dim)
         self.out = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, text_dim))
@@ -221,12 +329,12 @@ class LocalAlignmentHead(nn.Module):
         own = torch.arange(hp * wp, device=boxes.device) == (row * wp + col).long()  # (B, K, P)
         return inside | (own & ~inside.any(-1, keepdim=True))
 
-    def forward(
-        self, patches: torch.Tensor, centres: torch.Tensor, boxes: torch.Tensor, grid: tuple[int, int]
-    ) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, timesteps: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        patches = self.patches(sample, timesteps)  # (B, P, d)
+        boxes = boxes.to(patches.dtype)
         e = self.box_mlp(fourier_box_embedding(boxes, self.bands))  # (B, K, d)
         fused = F.gelu(self.patch_proj(patches)[:, None] + e[:, :, None])  # (B, K, P, d)
-        member = self.membership(centres, boxes, grid)  # (B, K, P)
+        member = self.membership(self.patches.centres, boxes, self.patches.grid)  # (B, K, P)
         pooled = masked_mean(fused, member[..., None], dim=2)  # (B, K, d)
         return self.out(pooled)
 
@@ -252,19 +360,26 @@ def local_alignment_loss(
 
 
 class HcmaModule(nn.Module):
-    """The ViT shared by both alignments, the global head (``hcma.global_weight > 0``) and the local head
-    (``hcma.local_weight > 0``). ``text_dim``: the markup feature size ``D``."""
+    """The global module (ViT + head, ``hcma.global_weight > 0``) and the local module (local patch encoder +
+    box pooling head, ``hcma.local_weight > 0``). ``text_dim``: the markup feature size ``D``."""
 
     def __init__(self, cfg: HcmaConfig, *, image: DomainConfig, text_dim: int) -> None:
         super().__init__()
         if not (cfg.global_weight > 0 or cfg.local_weight > 0):
             raise ValueError("hcma.global_weight / hcma.local_weight: both are 0, so there is no HCMA module to build")
         self.cfg, self.image, self.text_dim = cfg, image, text_dim
-        self.vit = NoisyImageViT(
-            image=image, patch_size=cfg.patch_size, dim=cfg.dim, layers=cfg.layers, heads=cfg.heads
-        )
-        self.global_head = GlobalAlignmentHead(cfg.dim, text_dim) if cfg.global_weight > 0 else None
-        self.local_head = LocalAlignmentHead(cfg.dim, text_dim, cfg.fourier_bands) if cfg.local_weight > 0 else None
+        self.vit: NoisyImageViT | None = None
+        self.global_head: GlobalAlignmentHead | None = None
+        self.local_head: LocalAlignmentHead | None = None
+        if cfg.global_weight > 0:
+            self.vit = NoisyImageViT(
+                image=image, patch_size=cfg.patch_size, dim=cfg.dim, layers=cfg.layers, heads=cfg.heads
+            )
+            self.global_head = GlobalAlignmentHead(cfg.dim, text_dim)
+        if cfg.local_weight > 0:
+            self.local_head = LocalAlignmentHead(
+                image=image, patch_size=cfg.patch_size, dim=cfg.dim, text_dim=text_dim, bands=cfg.fourier_bands
+            )
 
     def alignment_losses(
         self,
@@ -281,12 +396,12 @@ class HcmaModule(nn.Module):
         the local head and a layout). ``sample`` ``y_t [B, C, H, W]``, ``timesteps [B]``, ``hidden [B, N, D]``."""
         if self.cfg.detach_text:
             hidden = hidden.detach()
-        cls, patches = self.vit(sample, timesteps)
         out: dict[str, torch.Tensor] = {}
-        if use_global and self.global_head is not None:
+        if use_global and self.vit is not None and self.global_head is not None:
+            cls, _ = self.vit(sample, timesteps)
             out["global"] = global_alignment_loss(self.global_head(cls), hidden, mask)
         if use_local and self.local_head is not None and layout is not None:
-            f = self.local_head(patches, self.vit.centres, layout.boxes.to(patches.dtype), self.vit.grid)
+            f = self.local_head(sample, timesteps, layout.boxes)
             out["local_sum"], out["local_count"] = local_alignment_loss(f, hidden, layout)
         return out
 
@@ -312,17 +427,21 @@ def hcma_loss(
     hidden: torch.Tensor,
     mask: torch.Tensor,
     boxes: LayoutBatch | None,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """``hcma.global_weight * L_global + hcma.local_weight * L_local`` and its terms (detached floats).
 
     ``x_t [B, C, H, W]`` the noisy images the denoiser sees, ``timesteps [B]``, ``hidden [B, N, D]`` the markup
     features (``model.encode``), ``mask [B, N]``, ``boxes`` the batch's layouts (None: no local term). ``L_global``
     is the batch mean; ``L_local`` the mean over every valid box of the batch (0 when there is none). With no module
-    (both weights 0) the loss is a constant 0.
+    (both weights 0) the loss is a constant 0. In training mode with ``hcma.translate``, each item with boxes is
+    first moved by :func:`random_translate` (offsets drawn from ``generator``).
     """
     if hcma_module is None:
         return x_t.new_zeros(()), {}
     cfg = hcma_module.cfg
+    if boxes is not None and cfg.translate and hcma_module.training:
+        x_t, boxes = random_translate(x_t, boxes, generator)
     parts = hcma_module.alignment_losses(x_t, timesteps, hidden, mask, boxes)
     loss = x_t.new_zeros(())
     terms: dict[str, float] = {}
@@ -336,6 +455,35 @@ def hcma_loss(
         terms["hcma_local"] = float(l_local.detach())
         terms["hcma_boxes"] = float(parts["local_count"].sum())
     return loss, terms
+
+
+def random_translate(
+    x_t: torch.Tensor, layout: LayoutBatch, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, LayoutBatch]:
+    """Roll each item's ``x_t [B, C, H, W]`` and its boxes by one random whole-pixel offset that keeps every valid
+    box inside the canvas (items without boxes stay put).
+
+    Why: each training image has its segments at one place only, so a local head can fit ``L_local`` from WHICH
+    formula it sees (ViT features are global) and the box coordinates, without looking inside the box; it then
+    cannot ground a segment anywhere else. Moving image and boxes together makes the box's content the only
+    consistent cue. A roll of ``y_t`` is a noisy version of the rolled ``y0`` (the noise is i.i.d. per pixel); what
+    wraps around is the white margin.
+    """
+    _, _, h, w = x_t.shape
+    out, boxes = x_t.clone(), layout.boxes.clone()
+    for i in range(x_t.shape[0]):
+        valid = layout.box_mask[i]
+        if not bool(valid.any()):
+            continue
+        b = layout.boxes[i, valid]  # (k, 4) fractions
+        lo_x, hi_x = -round(float(b[:, 0].min()) * w), w - round(float(b[:, 2].max()) * w)  # whole pixels
+        lo_y, hi_y = -round(float(b[:, 1].min()) * h), h - round(float(b[:, 3].max()) * h)
+        dx = int(torch.randint(lo_x, max(hi_x, lo_x) + 1, (), generator=generator))
+        dy = int(torch.randint(lo_y, max(hi_y, lo_y) + 1, (), generator=generator))
+        out[i] = torch.roll(x_t[i], shifts=(dy, dx), dims=(1, 2))
+        shift = torch.tensor([dx / w, dy / h, dx / w, dy / h], dtype=boxes.dtype, device=boxes.device)
+        boxes[i] = layout.boxes[i] + shift
+    return out, LayoutBatch(boxes, layout.box_mask, layout.segment_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------

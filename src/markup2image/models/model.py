@@ -8,7 +8,9 @@ parameters and its compute:
 
 * ``model.fsa``: :class:`FineGrainedSequenceAlignment` (``self.alignment``), training only;
 * ``model.con_aug``: the projection head of the InfoNCE term (``self.contrastive_head``), training only;
-* ``model.ccam``: CCAM processors inside the U-Net (used at sampling time too).
+* ``model.ccam``: CCAM processors inside the U-Net (used at sampling time too);
+* ``hcma.global_weight`` / ``hcma.local_weight``: the HCMA alignment module (``self.hcma``, design §8), trained
+  jointly through ``forward(..., hcma_batch=...)`` and used for guidance at sampling time.
 
 Training objectives call the model only through ``forward`` (one call per step with gradients), so a
 ``DistributedDataParallel`` wrapper sees every parameter it has to reduce.
@@ -26,10 +28,11 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from markup2image.config import DomainConfig, ModelConfig
+from markup2image.config import DomainConfig, HcmaConfig, ModelConfig
 from markup2image.io import atomic_open
 from markup2image.models.encoder import PretrainedMarkupEncoder, TransformerMarkupEncoder
 from markup2image.models.fsa import FineGrainedSequenceAlignment
+from markup2image.models.hcma import HcmaBatch, HcmaModule, build_hcma, hcma_loss
 from markup2image.models.unet_parts import build_unet
 
 __all__ = [
@@ -83,12 +86,15 @@ class DenoiserOutput:
     """What a training forward returns when it is asked for more than the noise prediction.
 
     sample: ``eps_theta [B', C, H, W]``; alignment_loss: scalar ``L_fa`` (``align_images`` given);
-    mid_projection: ``[B', P]`` normalised projections of pooled mid-block features (``return_mid``).
+    mid_projection: ``[B', P]`` normalised projections of pooled mid-block features (``return_mid``);
+    hcma_loss: scalar weighted HCMA loss and hcma_terms its logged terms (``hcma_batch`` given, model with HCMA).
     """
 
     sample: torch.Tensor
     alignment_loss: torch.Tensor | None = None
     mid_projection: torch.Tensor | None = None
+    hcma_loss: torch.Tensor | None = None
+    hcma_terms: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def unwrap_model(model: nn.Module) -> MarkupToImageModel:
@@ -110,6 +116,8 @@ class MarkupToImageModel(nn.Module):
         image: geometry of the domain's images.
         vocab_size / pad_id: from the tokenizer.
         load_pretrained: False builds a pretrained encoder from its config without weights (parameter counts).
+        hcma: the ``hcma`` params section; an HCMA module is built only when one of its weights is > 0 (and after
+            every other part, so the others initialise exactly as without it).
     """
 
     def __init__(
@@ -120,6 +128,7 @@ class MarkupToImageModel(nn.Module):
         vocab_size: int,
         pad_id: int = 0,
         load_pretrained: bool = True,
+        hcma: HcmaConfig | None = None,
     ) -> None:
         super().__init__()
         self.model_cfg = model_cfg
@@ -131,6 +140,9 @@ class MarkupToImageModel(nn.Module):
         self.alignment = FineGrainedSequenceAlignment(model_cfg, image) if model_cfg.fsa else None
         mid_channels = model_cfg.block_out_channels[-1]
         self.contrastive_head = ContrastiveHead(mid_channels, model_cfg.contrastive_dim) if model_cfg.con_aug else None
+        self.hcma: HcmaModule | None = (
+            build_hcma(hcma, image=image, text_dim=model_cfg.encoder_dim) if hcma is not None else None
+        )
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``[B, N]`` ids and mask -> markup features ``t [B, N, D]``."""
@@ -152,6 +164,7 @@ class MarkupToImageModel(nn.Module):
         text_index: torch.Tensor | None = None,
         align_images: torch.Tensor | None = None,
         return_mid: bool = False,
+        hcma_batch: HcmaBatch | None = None,
     ) -> torch.Tensor | DenoiserOutput:
         """``eps_theta``; with any keyword option a :class:`DenoiserOutput`.
 
@@ -162,38 +175,62 @@ class MarkupToImageModel(nn.Module):
                 sample ``i`` on markup ``i``). Lets K+2 views of a batch share one encoding and one U-Net call.
             align_images: clean images ``y0 [B, C, H, W]`` for the FSA loss (needs ``model.fsa``).
             return_mid: also return the contrastive projections of the mid-block features (needs ``model.con_aug``).
+            hcma_batch: layouts and generator for the HCMA loss (needs the HCMA module), computed on the first
+                ``B`` rows of ``sample``: the noisy images of markup ``i`` (``text_index[:B]`` must be ``0..B-1``).
         """
         hidden = self.encode(input_ids, attention_mask)  # (B, N, D)
-        alignment_loss = None
+        out = DenoiserOutput(sample)  # .sample is replaced by eps below
         if align_images is not None:
             if self.alignment is None:
                 raise ValueError("model.fsa: the FSA loss was requested but model.fsa is false")
-            alignment_loss = self.alignment(align_images, hidden, attention_mask)
+            out.alignment_loss = self.alignment(align_images, hidden, attention_mask)
+        if hcma_batch is not None:
+            out.hcma_loss, out.hcma_terms = self._hcma_loss(sample, timestep, hidden, attention_mask, hcma_batch)
         mask = attention_mask
         if text_index is not None:
             hidden, mask = hidden[text_index], attention_mask[text_index]  # (B', N, D), (B', N)
         if not return_mid:
-            eps = self.denoise(sample, timestep, hidden, mask)
-            return eps if align_images is None else DenoiserOutput(eps, alignment_loss)
+            out.sample = self.denoise(sample, timestep, hidden, mask)
+            return out.sample if align_images is None and hcma_batch is None else out
         if self.contrastive_head is None:
             raise ValueError("model.con_aug: mid-block projections were requested but model.con_aug is false")
         captured: list[torch.Tensor] = []
-        handle = self.unet.mid_block.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        handle = self.unet.mid_block.register_forward_hook(lambda _m, _i, o: captured.append(o))
         try:
-            eps = self.denoise(sample, timestep, hidden, mask)
+            out.sample = self.denoise(sample, timestep, hidden, mask)
         finally:
             handle.remove()
-        return DenoiserOutput(eps, alignment_loss, self.contrastive_head(captured[0]))
+        out.mid_projection = self.contrastive_head(captured[0])
+        return out
+
+    def _hcma_loss(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        hcma_batch: HcmaBatch,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """:func:`~markup2image.models.hcma.hcma_loss` on the anchors ``y_t = sample[:B]`` (``B`` = markup rows)."""
+        if self.hcma is None:
+            raise ValueError("hcma.global_weight / hcma.local_weight: an HCMA loss was requested but both are 0")
+        b = hidden.shape[0]
+        return hcma_loss(self.hcma, sample[:b], timestep[:b], hidden, mask, hcma_batch.layout, hcma_batch.generator)
 
     # -- persistence --------------------------------------------------------------------------------------------
 
     def config_dict(self) -> dict[str, Any]:
-        return {
+        """Everything :func:`model_from_config` needs; ``hcma_module`` only for a model with an HCMA module (what
+        :func:`markup2image.models.hcma.load_hcma` reads, with the ``hcma.*`` weights)."""
+        cfg = {
             "model": dataclasses.asdict(self.model_cfg),
             "image": dataclasses.asdict(self.image),
             "vocab_size": self.vocab_size,
             "pad_id": self.pad_id,
         }
+        if self.hcma is not None:
+            cfg["hcma_module"] = self.hcma.config_dict()
+        return cfg
 
     def save(self, folder: str | Path, extra: dict[str, Any] | None = None) -> None:
         """Write ``model_config.json`` and ``model.safetensors`` into ``folder`` (atomically, file by file)."""
@@ -215,7 +252,12 @@ def model_from_config(cfg: dict[str, Any]) -> MarkupToImageModel:
 
     model_cfg = _check_type(cfg["model"], ModelConfig, "model_config.model")
     image = _check_type(cfg["image"], DomainConfig, "model_config.image")
-    return MarkupToImageModel(model_cfg=model_cfg, image=image, vocab_size=cfg["vocab_size"], pad_id=cfg["pad_id"])
+    hcma = None
+    if cfg.get("hcma_module"):
+        hcma = _check_type(cfg["hcma_module"]["hcma"], HcmaConfig, "model_config.hcma_module.hcma")
+    return MarkupToImageModel(
+        model_cfg=model_cfg, image=image, vocab_size=cfg["vocab_size"], pad_id=cfg["pad_id"], hcma=hcma
+    )
 
 
 def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> MarkupToImageModel:

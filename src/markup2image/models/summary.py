@@ -7,7 +7,8 @@ configuration counts instantly. The groups add up to ``total``:
 pretrained LM) + ``unet`` (``down`` / ``mid`` / ``up`` / ``conv`` / ``time``, without the two groups below) +
 ``position_embeddings`` (learned row/column and text tables of every attention) + ``ccam`` (the CoA branch and
 fusion of each CCAM; its ChA branch reuses the block's cross-attention projections, counted in the U-Net) +
-``fsa`` (image encoder + CAM) + ``contrastive_head``.
+``fsa`` (image encoder + CAM) + ``contrastive_head`` + ``hcma`` (the HCMA alignment module when ``hcma.global_weight``
+or ``hcma.local_weight`` > 0: ViT and global head, local patch encoder and box head).
 
 Sizes (:func:`sized_model_config`): ``tiny`` (a fast CPU model; attention only at 1/8 resolution, where a math
 image has 8 x 40 = 320 tokens), ``params`` (``params.model`` as configured) and
@@ -84,6 +85,8 @@ def _group(name: str, module_of: dict[str, type]) -> str:
         return "fsa"
     if name.startswith("contrastive_head."):
         return "contrastive_head"
+    if name.startswith("hcma."):
+        return "hcma"
     if ".image_pos." in name or ".text_pos." in name:
         return "position_embeddings"
     owner = name.rsplit(".processor.", 1)[0] + ".processor" if ".processor." in name else ""
@@ -123,6 +126,7 @@ def count_parameters(model: MarkupToImageModel) -> dict:
         "ccam": counts.get("ccam", 0),
         "fsa": counts.get("fsa", 0),
         "contrastive_head": counts.get("contrastive_head", 0),
+        "hcma": counts.get("hcma", 0),
     }
     out["unet_with_attention_extras"] = unet["total"] + out["position_embeddings"] + out["ccam"]
     out["total"] = trainable + frozen
@@ -140,7 +144,9 @@ def parameter_summary(params: Params, domain: str, vocab_size: int, size: str = 
     cfg = sized_model_config(params.model, size)
     image = params.domain_config(domain)
     with torch.device("meta"):
-        model = MarkupToImageModel(model_cfg=cfg, image=image, vocab_size=vocab_size, load_pretrained=False)
+        model = MarkupToImageModel(
+            model_cfg=cfg, image=image, vocab_size=vocab_size, load_pretrained=False, hcma=params.hcma
+        )
     summary = count_parameters(model)
     summary["config"] = {
         "size": size,
@@ -152,5 +158,7 @@ def parameter_summary(params: Params, domain: str, vocab_size: int, size: str = 
         "con_aug": cfg.con_aug,
         "ccam": cfg.ccam,
         "position_embeddings": cfg.position_embeddings,
+        "hcma_global_weight": params.hcma.global_weight,
+        "hcma_local_weight": params.hcma.local_weight,
     }
     return summary

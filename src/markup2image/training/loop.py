@@ -15,6 +15,12 @@ Randomness an objective draws itself (negatives, augmentation, scheduled-samplin
 generator seeded by ``(train.seed, s, micro_step, rank)``: independent per process, so with W > 1 those objectives
 match a 1-process run in distribution, not bit for bit (negatives are also chosen within a process's shard).
 
+With an HCMA module (``hcma.global_weight`` or ``hcma.local_weight`` > 0) the model owns it as ``model.hcma`` (so
+DDP, the optimizer, EMA, checkpoints and the saved model carry it), the dataset returns each item's layout, and every
+objective adds the HCMA loss; the ``hcma.translate`` offsets come from a generator seeded by
+``(train.seed, s, micro_step, rank, 2)``. With both weights 0 none of this exists and a step computes what it did
+without HCMA.
+
 Rank 0 alone logs to DVCLive (``<out>/live``): each loss term, the loss per timestep quartile, lr, images/s, and
 every ``train.sample_every`` steps a grid of EMA samples of a few train markups (``plots/images/samples/``).
 """
@@ -45,6 +51,7 @@ from tqdm.auto import tqdm
 from markup2image.config import Params, TrainConfig, check_batch_split, to_dict
 from markup2image.data.dataset import MarkupImageDataset, collate
 from markup2image.diffusion.objectives import ObjectiveFn, TrainBatch, get_objective, noise_scheduler
+from markup2image.models.hcma import HcmaBatch
 from markup2image.models.model import MarkupToImageModel
 from markup2image.text.tokenizer import TOKENIZER_FILE, load_tokenizer, pad_id
 from markup2image.training.launch import effective_mixed_precision
@@ -129,6 +136,12 @@ def extras_generator(seed: int, step: int, micro: int, rank: int) -> torch.Gener
     return torch.Generator().manual_seed(_seed(seed, step, micro, rank, 1))
 
 
+def hcma_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    """The generator of the ``hcma.translate`` offsets: one per (seed, step, micro-step, rank), apart from the
+    objective's, so switching HCMA on leaves every draw of the objective as it was."""
+    return torch.Generator().manual_seed(_seed(seed, step, micro, rank, 2))
+
+
 @dataclass(frozen=True)
 class MicroBatchShare:
     """One process's share of one global micro-batch: dataset indices ``[b]``, noise ``eps [b, C, H, W]`` and
@@ -171,6 +184,8 @@ def run_fingerprint(params: Params, domain: str) -> str:
     keys = {k: v for k, v in to_dict(params).items() if k in ("lambda", "beta", "tau", "model", "diffusion", "train")}
     keys["train"] = {k: v for k, v in keys["train"].items() if k not in _NOT_FINGERPRINTED}
     keys["domain"] = [domain, to_dict(params.domain_config(domain))]
+    if params.hcma.global_weight > 0 or params.hcma.local_weight > 0:  # absent when off: old fingerprints hold
+        keys["hcma"] = {k: v for k, v in to_dict(params.hcma).items() if not k.startswith("guidance_")}
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -190,11 +205,16 @@ def newest_checkpoint(folder: Path) -> Path | None:
 
 
 def build_model(params: Params, domain: str, tokenizer_dir: Path) -> MarkupToImageModel:
-    """A fresh model sized to the tokenizer in ``tokenizer_dir``; initialised from ``train.seed``."""
+    """A fresh model sized to the tokenizer in ``tokenizer_dir`` (with the HCMA module when ``params.hcma`` asks
+    for one); initialised from ``train.seed``."""
     tok = load_tokenizer(tokenizer_dir)
     torch.manual_seed(params.train.seed)  # identical init on every process
     return MarkupToImageModel(
-        model_cfg=params.model, image=params.domain_config(domain), vocab_size=tok.get_vocab_size(), pad_id=pad_id(tok)
+        model_cfg=params.model,
+        image=params.domain_config(domain),
+        vocab_size=tok.get_vocab_size(),
+        pad_id=pad_id(tok),
+        hcma=params.hcma,
     )
 
 
@@ -234,7 +254,15 @@ def _prepare(params: Params, domain: str, paths: TrainPaths, acc: Accelerator) -
     cfg = params.train
     model = build_model(params, domain, paths.tokenized)
     torch.manual_seed(cfg.seed + acc.process_index)  # per-rank offset for any implicit randomness (dropout)
-    dataset = MarkupImageDataset(paths.rendered, paths.tokenized, "train", model.image.channels)
+    with_layouts = model.hcma is not None and model.hcma.local_head is not None
+    dataset = MarkupImageDataset(
+        paths.rendered,
+        paths.tokenized,
+        "train",
+        model.image.channels,
+        layouts=with_layouts,
+        max_boxes=params.hcma.max_boxes,
+    )
     if len(dataset) == 0:
         raise ValueError(f"{paths.rendered}/train.jsonl: no rendered training items; check the render stage report")
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -339,6 +367,7 @@ def _train_step(run: _Run, params: Params, step: int, terms_acc: dict[str, tuple
             noise=share.noise.to(acc.device),  # (b, C, H, W): this rank's slice of the global draw
             timesteps=share.timesteps.to(acc.device),
             generator=extras_generator(cfg.seed, step, micro, rank),
+            hcma=_hcma_batch(net, data, hcma_generator(cfg.seed, step, micro, rank), acc.device),
         )
         # DDP all-reduces gradients in the backward of the last micro-step only (no_sync is a no-op without DDP)
         sync = micro == cfg.grad_accum - 1
@@ -355,6 +384,15 @@ def _train_step(run: _Run, params: Params, step: int, terms_acc: dict[str, tuple
     run.opt.zero_grad(set_to_none=True)
     if not acc.optimizer_step_was_skipped:
         run.ema.step(run.trainable)
+
+
+def _hcma_batch(net: MarkupToImageModel, data: dict, generator: torch.Generator, device: Any) -> HcmaBatch | None:
+    """The HCMA part of a training batch (None for a model without an HCMA module). A model with a local module
+    always gets a layout (all boxes off for items without one), so every HCMA parameter is in every step's graph
+    (DDP needs that)."""
+    if net.hcma is None:
+        return None
+    return HcmaBatch(data.get("layout"), generator).to(device)
 
 
 def _accumulate_terms(

@@ -3,7 +3,8 @@
 For tests and the process-count benchmark: they need real ``<rendered>/train.jsonl`` + images and
 ``<tokenized>/train.jsonl`` + ``tokenizer.json`` (what :class:`~markup2image.data.dataset.MarkupImageDataset`
 reads), but not real LaTeX. Each item's markup is a short string of symbols and its image draws one black bar per
-symbol on white, so equal markup gives equal images and the model has something to learn.
+symbol on white, so equal markup gives equal images and the model has something to learn. ``layouts.jsonl`` gives
+each drawn bar's box and its symbol's characters, as the render stage does for real engines.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from markup2image.config import DomainConfig
+from markup2image.data.layouts import LAYOUTS_JSONL, LayoutBox, make_box, whitespace_token_chars
 from markup2image.io import atomic_open, save_png, write_jsonl
 from markup2image.text.tokenizer import TOKENIZER_FILE, train_bpe
 
@@ -38,6 +40,19 @@ def tiny_params_dict(**train: object) -> dict:
     }
 
 
+def _boxes(markup: str, symbols: list[int], image: DomainConfig) -> list[LayoutBox]:
+    """The box of each bar :func:`_draw` draws (columns ``x, x + 1``, rows ``1 .. 2 + s``), linked to its symbol."""
+    boxes = []
+    for i, ((c0, c1), s) in enumerate(zip(whitespace_token_chars(markup), symbols)):
+        x = 1 + 3 * i
+        if x + 2 > image.width:
+            break
+        boxes.append(
+            make_box(markup, (x, 1, x + 2, min(image.height, 3 + s)), c0, c1, (0, 0), (image.height, image.width))
+        )
+    return boxes
+
+
 def _draw(symbols: list[int], image: DomainConfig) -> np.ndarray:
     """Black bars on white: symbol ``s`` at position ``i`` is a bar at column ``3 i`` of height ``2 + s``."""
     arr = np.full((image.height, image.width), 255, dtype=np.uint8)
@@ -55,15 +70,17 @@ def write_synthetic_training_set(
     """Write ``n`` items (train split only) into ``rendered`` and ``tokenized``; returns their markup."""
     rendered, tokenized = Path(rendered), Path(tokenized)
     rng = np.random.default_rng(seed)
-    rows, markups = [], []
+    rows, markups, layouts = [], [], []
     for i in range(n):
         symbols = rng.integers(0, len(SYMBOLS), size=int(rng.integers(2, 7))).tolist()
         markup = " ".join(SYMBOLS[s] for s in symbols)
         item_id = f"{i:05d}"
         save_png(rendered / "images" / f"{item_id}.png", _draw(symbols, image))
         rows.append({"id": item_id, "markup": markup, "image": f"images/{item_id}.png"})
+        layouts.append({"id": item_id, "boxes": _boxes(markup, symbols, image)})
         markups.append(markup)
     write_jsonl(rendered / "train.jsonl", rows)
+    write_jsonl(rendered / LAYOUTS_JSONL, layouts)
     tok = train_bpe(markups, vocab_size=64, min_frequency=1)
     tokenized.mkdir(parents=True, exist_ok=True)
     with atomic_open(tokenized / TOKENIZER_FILE) as fh:
