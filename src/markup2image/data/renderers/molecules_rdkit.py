@@ -53,7 +53,7 @@ class RdkitEngine(SingleItemEngine):
         image, offset = place_top_left_with_offset(rgb, cfg)
         svg = self._draw.MolDraw2DSVG(cfg.width + SLACK_PX, cfg.height + SLACK_PX)
         self._options(svg)
-        self._draw.PrepareAndDrawMolecule(svg, mol)
+        svg.DrawMolecule(mol)  # ``mol`` is already prepared (2-D coordinates, kekulized, wedges): drawn as is
         svg.FinishDrawing()
         centres = [(p.x, p.y) for p in map(drawer.GetDrawCoords, range(mol.GetNumAtoms()))]
         labels = svg_atom_label_extents(svg.GetDrawingText())
@@ -65,9 +65,11 @@ class RdkitEngine(SingleItemEngine):
         options = drawer.drawOptions()  # type: ignore[attr-defined]
         options.fixedBondLength = BOND_LENGTH_PX / DEPICTION_BOND_ANGSTROM
         options.padding = 0.0
+        options.prepareMolsBeforeDrawing = False  # _depict prepares once; the layout's SVG drawing reuses it
 
     def _depict(self, markup: str, cfg: DomainConfig) -> tuple[np.ndarray, object, object]:
-        """The RGB drawing ``[H + slack, W + slack, 3]`` (before placement), its drawer and the molecule."""
+        """The RGB drawing ``[H + slack, W + slack, 3]`` (before placement), its drawer and the prepared molecule
+        (2-D coordinates computed once here, so the layout's second drawing lands on the same atom positions)."""
         smiles = markup.strip()
         if not smiles:
             raise RenderError("empty", "the SMILES is empty")
@@ -78,9 +80,10 @@ class RdkitEngine(SingleItemEngine):
             raise RenderError("parse_error", f"RDKit cannot parse or sanitize the SMILES {smiles[:80]!r}")
         if mol.GetNumAtoms() == 0:
             raise RenderError("empty", "the SMILES has no atoms")
+        mol = self._draw.PrepareMolForDrawing(mol)
         drawer = self._draw.MolDraw2DCairo(cfg.width + SLACK_PX, cfg.height + SLACK_PX)
         self._options(drawer)
-        self._draw.PrepareAndDrawMolecule(drawer, mol)
+        drawer.DrawMolecule(mol)
         drawer.FinishDrawing()
         scale = self._drawn_bond_length(drawer, mol)
         if scale is not None and scale < 0.97 * BOND_LENGTH_PX:
