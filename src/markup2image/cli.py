@@ -182,6 +182,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             steps=tuple(args.steps_list or [args.steps]),
             params=params,
         )
+    elif args.what == "steps":
+        return _bench_steps(args, params)
     elif args.what == "train" and args.processes:
         from markup2image.training.bench import bench_train_processes
 
@@ -200,6 +202,37 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:  # argparse restricts choices
         raise SystemExit(f"error: unknown benchmark {args.what!r}")
     _emit(result, args.out)
+    return 0
+
+
+def _bench_steps(args: argparse.Namespace, params: Any) -> int:
+    """DTW against sampler steps: JSON to ``--out`` (or stdout), the markdown table beside it and to stderr."""
+    from markup2image.evaluation.steps import bench_steps, markdown_table
+
+    if not args.model or not args.rendered:
+        raise SystemExit(
+            "error: bench steps needs --model (models/<domain>/model) and --rendered (data/rendered/<domain>)"
+        )
+    try:
+        result = bench_steps(
+            args.model,
+            args.rendered,
+            samplers=tuple(args.samplers),
+            steps=tuple(args.steps_list or [1000, 250, 100, 50, 20]),
+            num_samples=args.n or params.evaluate.num_samples,
+            params=params,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    _emit(result, args.out)
+    table = markdown_table(result)
+    if args.out is not None:
+        from markup2image.io import atomic_open
+
+        with atomic_open(args.out.with_suffix(".md")) as fh:
+            fh.write(table)
+        print(f"wrote {args.out.with_suffix('.md')}")
+    print(table, file=sys.stderr)
     return 0
 
 
@@ -255,14 +288,18 @@ def build_parser() -> argparse.ArgumentParser:
     su.set_defaults(fn=cmd_summary)
 
     b = sub.add_parser("bench", help="benchmarks (JSON out)")
-    b.add_argument("what", choices=["metrics", "render", "sample", "train"])
+    b.add_argument("what", choices=["metrics", "render", "sample", "steps", "train"])
     b.add_argument("--domain")
     b.add_argument("--engine")
-    b.add_argument("--model", help="bench sample: a trained model or an export folder")
-    b.add_argument("-n", type=int, default=0, help="items/pairs to time")
+    b.add_argument("--model", help="bench sample: a trained model or an export folder; steps: a trained model")
+    b.add_argument("--rendered", help="steps: the rendered data of the model's domain (data/rendered/<domain>)")
+    b.add_argument(
+        "-n", "--num-samples", dest="n", type=int, default=0, help="items/pairs to time; steps: test items to score"
+    )
     b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
     b.add_argument("--steps", type=int, default=20, help="sample: sampler steps; train: timed steps")
-    b.add_argument("--steps-list", type=int, nargs="+", help="sample: several step counts")
+    b.add_argument("--steps-list", type=int, nargs="+", help="sample, steps: several step counts")
+    b.add_argument("--samplers", nargs="+", default=["ddpm", "ddim", "dpm_solver"], help="steps: samplers to compare")
     b.add_argument(
         "--backends",
         nargs="+",

@@ -15,17 +15,21 @@ import logging
 import platform
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from markup2image.config import Params
+from markup2image.config import DiffusionConfig, Params
 from markup2image.diffusion.guidance import guided_sample_images
 from markup2image.diffusion.sampling import to_uint8
 from markup2image.io import load_image, read_jsonl, save_png, write_json
 from markup2image.models.model import load_model
 from markup2image.text.tokenizer import encode_batch, load_tokenizer
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -60,31 +64,25 @@ def evaluate(params: Params, domain: str, model_dir: Path, rendered_dir: Path, o
         raise ValueError(f"{rendered_dir}/test.jsonl: no rendered test items to evaluate")
     layouts = load_layouts(rendered_dir)
     guidance = guidance_scales(params, model)
-    channels = model.image.channels
-    preds, golds, names = [], [], []
+    names = [r["id"] for r in items]
+    golds = [load_image(rendered_dir / r["image"], model.image.channels) for r in items]
     t0 = time.perf_counter()
-    batches = range(0, len(items), cfg.batch_size)
-    for b, start in enumerate(tqdm(batches, desc=f"evaluate {domain}")):
-        chunk = items[start : start + cfg.batch_size]
-        ids, mask = encode_batch(tok, [r["markup"] for r in chunk], model.model_cfg.max_text_length)
-        images = guided_sample_images(
-            model,
-            model.hcma,
-            torch.from_numpy(ids).to(device),
-            torch.from_numpy(mask).to(device),
-            sampler=cfg.sampler,
-            steps=cfg.steps,
-            seed=cfg.seed + b,  # one generator per batch
-            diffusion=params.diffusion,
-            layout=_chunk_layout(model, tok, chunk, layouts, ids.shape[1]) if guidance["guidance_local"] else None,
-            **guidance,
-        )
-        for r, img in zip(chunk, to_uint8(images)):
-            save_png(out_dir / "samples" / f"{r['id']}.png", img)
-            preds.append(img)
-            golds.append(load_image(rendered_dir / r["image"], channels))
-            names.append(r["id"])
+    preds = sample_items(
+        model,
+        tok,
+        items,
+        sampler=cfg.sampler,
+        steps=cfg.steps,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        diffusion=params.diffusion,
+        guidance=guidance,
+        layouts=layouts,
+        desc=f"evaluate {domain}",
+    )
     seconds = time.perf_counter() - t0
+    for name, img in zip(names, preds):
+        save_png(out_dir / "samples" / f"{name}.png", img)
     scores = score_arrays(preds, golds, names)
     n_params = sum(p.numel() for p in model.parameters())
     metrics = flat_metrics(scores, n_params=n_params, seconds_per_image=seconds / len(items), n=len(items))
@@ -105,6 +103,47 @@ def evaluate(params: Params, domain: str, model_dir: Path, rendered_dir: Path, o
     save_comparison_grid(golds, preds, out_dir / "grid.png", titles=names, max_items=cfg.grid_rows)
     log.info("evaluated %d %s items: DTW %.2f (blank %.2f)", len(items), domain, metrics["dtw"], metrics["blank_dtw"])
     return metrics
+
+
+def sample_items(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    items: list[dict],
+    *,
+    sampler: str,
+    steps: int,
+    seed: int,
+    batch_size: int,
+    diffusion: DiffusionConfig,
+    guidance: dict[str, float],
+    layouts: dict,
+    desc: str = "sampling",
+) -> list[np.ndarray]:
+    """The image of each item's ``markup``, ``batch_size`` at a time: uint8 ``[H, W]`` or ``[H, W, 3]``, in order.
+
+    Batch ``b`` draws its noise from ``seed + b`` (one generator per batch); ``guidance`` are the HCMA scales of
+    :func:`guidance_scales` (the local term grounded on the items' renderer ``layouts``).
+    """
+    device = next(model.parameters()).device
+    preds: list[np.ndarray] = []
+    for b, start in enumerate(tqdm(range(0, len(items), batch_size), desc=desc)):
+        chunk = items[start : start + batch_size]
+        ids, mask = encode_batch(tokenizer, [r["markup"] for r in chunk], model.model_cfg.max_text_length)
+        layout = _chunk_layout(model, tokenizer, chunk, layouts, ids.shape[1]) if guidance["guidance_local"] else None
+        images = guided_sample_images(
+            model,
+            model.hcma,
+            torch.from_numpy(ids).to(device),
+            torch.from_numpy(mask).to(device),
+            sampler=sampler,
+            steps=steps,
+            seed=seed + b,  # one generator per batch
+            diffusion=diffusion,
+            layout=layout,
+            **guidance,
+        )
+        preds += list(to_uint8(images))
+    return preds
 
 
 def guidance_scales(params: Params, model: torch.nn.Module) -> dict[str, float]:
