@@ -141,7 +141,14 @@ def _torch_runner(model_dir: Path, manifest: dict, fast: bool, threads: int | No
 
 class _FastDenoiser:
     """The torch fast path for GPUs without TensorRT: bf16 weights, channels-last activations and
-    ``torch.compile(mode="reduce-overhead")`` of the U-Net (CUDA graphs replay each step); fp32 in and out."""
+    ``torch.compile(mode="reduce-overhead")`` of the U-Net (CUDA graphs replay each step); fp32 in and out.
+
+    The cross-attention K/V are computed once per batch: ``encode`` returns the bf16 markup features and
+    ``sample_images`` prefills the K/V cache (:func:`markup2image.models.position.cross_attention_kv_cache`) from
+    that very tensor, eagerly, before the first compiled step. The compiled graph only reads the cached K/V (inputs
+    of the graph, copied into the CUDA graph's static buffers on replay like the sample), so the step stays one
+    graph with no break, and the next batch (same shapes) reuses it without recompiling.
+    """
 
     def __init__(self, model: Any) -> None:
         import torch
@@ -151,13 +158,15 @@ class _FastDenoiser:
         self.unet = torch.compile(self.model.unet, mode="reduce-overhead", fullgraph=False)
 
     def encode(self, ids: Any, mask: Any) -> Any:
-        return self.model.encode(ids, mask)
+        import torch
+
+        return self.model.encode(ids, mask).to(torch.bfloat16)  # once per batch: the tensor the K/V cache holds
 
     def denoise(self, x: Any, t: Any, hidden: Any, mask: Any) -> Any:
         import torch
 
         x = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        out = self.unet(x, t, encoder_hidden_states=hidden.to(torch.bfloat16), encoder_attention_mask=mask).sample
+        out = self.unet(x, t, encoder_hidden_states=hidden, encoder_attention_mask=mask).sample
         return out.float()
 
 

@@ -330,3 +330,131 @@ def test_attention_bias_shapes():
     assert torch.equal(attention_bias(diffusers_bias[:, None], torch.float32), attention_bias(mask, torch.float32))
     assert attention_bias(None, torch.float32) is None
     assert F.softmax(attention_bias(mask, torch.float32)[0, 0, 0], -1)[1] == 0.0
+
+
+# -- cross-attention K/V cache ------------------------------------------------------------------------------------
+
+
+def _count_text_projections(model) -> list[int]:
+    """Wrap every processor's ``text_projections``; the returned list grows by one per call."""
+    calls: list[int] = []
+    for proc in model.unet.modules():
+        if isinstance(proc, PositionalAttnProcessor):
+            orig = proc.text_projections
+            proc.text_projections = lambda *a, _orig=orig: calls.append(1) or _orig(*a)
+    return calls
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm_solver"])
+@pytest.mark.parametrize("switches", [{}, {"ccam": True}, {"ccam": True, "position_embeddings": False}])
+def test_kv_cache_gives_the_same_samples_and_projects_once_per_batch(sampler, switches):
+    model = _model(**switches)
+    calls = _count_text_projections(model)
+    sites = sum(isinstance(m, Attention) and m.is_cross_attention for m in model.unet.modules())
+    ids = torch.randint(1, 30, (3, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, 4:] = 0
+    kw = dict(sampler=sampler, steps=4, seed=0, diffusion=Params().diffusion)
+    cached = sample_images(model, ids, mask, kv_cache=True, **kw)
+    assert len(calls) == sites  # once per cross-attention for the whole batch
+    calls.clear()
+    fresh = sample_images(model, ids, mask, kv_cache=False, **kw)
+    assert len(calls) == 4 * sites  # once per cross-attention per step
+    assert (cached - fresh).abs().max() <= 1e-5
+    assert all(p.text_cache is None for p in model.unet.modules() if isinstance(p, PositionalAttnProcessor))
+
+
+def test_kv_cache_follows_new_and_modified_markup():
+    from markup2image.models.position import cross_attention_kv_cache
+
+    model = _model(ccam=True)
+    x, t, hidden, mask = _inputs()
+    other = torch.randn_like(hidden)
+    with torch.no_grad():
+        want = [model.denoise(x, t, h, mask) for h in (hidden, other, hidden + 1)]
+        with cross_attention_kv_cache(model.unet):
+            assert torch.equal(model.denoise(x, t, hidden, mask), want[0])
+            assert torch.equal(model.denoise(x, t, other, mask), want[1])  # a new batch
+            hidden.add_(1)  # the same tensor, modified in place
+            assert torch.equal(model.denoise(x, t, hidden, mask), want[2])
+            part = model.denoise(x[:2], t[:2], other[:2], mask[:2])  # a view of a cached tensor, another shape
+            assert torch.allclose(part, want[1][:2], atol=1e-5)
+
+
+def test_compiled_unet_reads_the_prefilled_cache_in_one_graph():
+    """Under torch.compile the step stays one graph (fullgraph) and a new batch of the same shape reuses it."""
+    from markup2image.models.position import cross_attention_kv_cache
+
+    model = _model(ccam=True)
+    calls = _count_text_projections(model)
+    x, t, hidden, mask = _inputs()
+    other = torch.randn_like(hidden)
+    torch._dynamo.reset()
+    compiled = torch.compile(model.unet, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        want = [model.denoise(x, t, h, mask) for h in (hidden, other)]
+        calls.clear()
+        with cross_attention_kv_cache(compiled) as cache:
+            cache.prefill(hidden)
+            got = compiled(x, t, encoder_hidden_states=hidden, encoder_attention_mask=mask).sample
+            assert torch.allclose(got, want[0], atol=1e-5)
+            cache.prefill(other)
+            with torch.compiler.set_stance("fail_on_recompile"):
+                got = compiled(x, t, encoder_hidden_states=other, encoder_attention_mask=mask).sample
+            assert torch.allclose(got, want[1], atol=1e-5)
+    sites = sum(isinstance(m, Attention) and m.is_cross_attention for m in model.unet.modules())
+    assert len(calls) == 2 * sites  # the two prefills only: the compiled steps projected nothing
+    torch._dynamo.reset()
+
+
+def test_export_ignores_an_active_kv_cache(tmp_path):
+    """ONNX export inside a prefilled cache still computes K/V in the graph (no markup baked in as constants)."""
+    from markup2image.export.onnx_export import export_ready_unet
+    from markup2image.models.position import cross_attention_kv_cache
+
+    model = _model(ccam=True)
+    x, t, hidden, mask = _inputs(b=2, n=6)
+    path = tmp_path / "unet.onnx"
+    with torch.no_grad(), cross_attention_kv_cache(model.unet) as cache:
+        cache.prefill(hidden)
+        copy = export_ready_unet(model.unet)
+        assert all(p.text_cache is None for p in copy.modules() if isinstance(p, PositionalAttnProcessor))
+        torch.onnx.export(
+            _Denoise(model),
+            (x, t, hidden, mask),
+            str(path),
+            opset_version=17,
+            dynamo=False,
+            input_names=["sample", "timestep", "encoder_hidden_states", "encoder_attention_mask"],
+            output_names=["eps"],
+        )
+    if importlib.util.find_spec("onnxruntime") is None:
+        pytest.skip("onnxruntime not installed")
+    import onnxruntime as ort
+
+    other = torch.randn_like(hidden)
+    feeds = {"sample": x.numpy(), "timestep": t.numpy(), "encoder_hidden_states": other.numpy()}
+    feeds["encoder_attention_mask"] = mask.numpy()
+    (got,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+    with torch.no_grad():
+        want = model.denoise(x, t, other, mask).numpy()
+    assert np.abs(got - want).max() <= 1e-4
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_export_processor_matches_the_stock_diffusers_one(cross):
+    """MaskBiasAttnProcessor (what export swaps in for AttnProcessor2_0) computes the same attention."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from markup2image.export.onnx_export import MaskBiasAttnProcessor
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=8, cross_attention_dim=6 if cross else None, heads=2, dim_head=4)
+    x = torch.randn(2, 8, 2, 3)  # (B, C, H, W): the spatial path
+    context, bias = None, None
+    if cross:
+        context = torch.randn(2, 3, 6)
+        bias = (1 - torch.tensor([[1.0, 1, 1], [1, 0, 0]]))[:, None] * -10000.0  # (B, 1, N), as the U-Net passes it
+    want = AttnProcessor2_0()(attn, x, context, attention_mask=bias)
+    got = MaskBiasAttnProcessor()(attn, x, context, attention_mask=bias)
+    assert got.shape == x.shape and torch.allclose(got, want, atol=1e-6)

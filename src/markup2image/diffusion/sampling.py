@@ -13,7 +13,8 @@ reproduces the same images from the same seed.
 
 from __future__ import annotations
 
-from typing import Literal
+import contextlib
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,9 +22,21 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
 
 from markup2image.config import DiffusionConfig
+from markup2image.models.position import cross_attention_kv_cache
+from markup2image.runtime.schedulers import SAMPLERS, SamplerName, eta_for
+from markup2image.runtime.schedulers import check_steps as check_sampler_steps
 
-SamplerName = Literal["ddpm", "ddim", "dpm_solver"]
-SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpm_solver")
+__all__ = [
+    "SAMPLERS",
+    "SamplerName",
+    "check_steps",
+    "eta_for",
+    "from_uint8",
+    "make_scheduler",
+    "sample_images",
+    "scheduler_config",
+    "to_uint8",
+]
 
 
 def scheduler_config(cfg: DiffusionConfig) -> dict:
@@ -47,19 +60,17 @@ def make_scheduler(name: str, cfg: DiffusionConfig) -> DDIMScheduler | DPMSolver
     raise ValueError(f"sampler: unknown sampler {name!r}; choose from {list(SAMPLERS)}")
 
 
-def eta_for(name: str) -> float:
-    return 1.0 if name == "ddpm" else 0.0
-
-
 def check_steps(name: str, steps: int, cfg: DiffusionConfig) -> int:
-    if name == "ddpm" and steps != cfg.num_train_timesteps:
-        raise ValueError(
-            f"steps: the ddpm sampler runs all {cfg.num_train_timesteps} steps (got {steps}); "
-            "use --sampler ddim or dpm_solver for fewer"
-        )
-    if not 1 <= steps <= cfg.num_train_timesteps:
-        raise ValueError(f"steps: {steps} is outside 1..{cfg.num_train_timesteps}")
-    return steps
+    """``steps`` if sampler ``name`` can run that many steps of ``cfg``'s schedule (the runtime's rules)."""
+    return check_sampler_steps(name, steps, cfg.num_train_timesteps)
+
+
+def _cross_attention_cache(model: Any, enabled: bool) -> contextlib.AbstractContextManager:
+    """The K/V cache over ``model.unet`` (a U-Net or its compiled wrapper) where there is one, else a no-op."""
+    unet = getattr(model, "unet", None)
+    if not enabled or not isinstance(unet, torch.nn.Module):
+        return contextlib.nullcontext()
+    return cross_attention_kv_cache(unet)
 
 
 @torch.no_grad()
@@ -73,11 +84,14 @@ def sample_images(
     seed: int,
     diffusion: DiffusionConfig,
     progress: bool = False,
+    kv_cache: bool = True,
 ) -> torch.Tensor:
     """Sample one batch. ``input_ids, attention_mask [B, N]`` -> images in [-1, 1], ``[B, C, H, W]`` float32.
 
     ``model`` must provide ``encode(ids, mask)`` and ``denoise(x, t, hidden, mask)`` and an ``image`` geometry.
-    The markup is encoded once per batch, not once per step.
+    The markup is encoded once per batch, not once per step, and with ``kv_cache`` (and a ``model.unet`` built
+    by this package) every cross-attention projects it to K/V once per batch too: the projections are made before
+    the first step (outside any compiled region or CUDA graph) and read by every step.
     """
     check_steps(sampler, steps, diffusion)
     device = input_ids.device
@@ -89,16 +103,20 @@ def sample_images(
     sched.set_timesteps(steps)
     hidden = model.encode(input_ids, attention_mask)  # (B, N, D), once per batch
     eta = eta_for(sampler)
-    for t in tqdm(sched.timesteps, desc=f"{sampler} sampling", disable=not progress, leave=False):
-        tt = torch.full((shape[0],), int(t), device=device, dtype=torch.long)
-        eps = model.denoise(x, tt, hidden, attention_mask)
-        if isinstance(sched, DDIMScheduler):
-            noise = None
-            if eta > 0:
-                noise = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)).to(device)
-            x = sched.step(eps, int(t), x, eta=eta, use_clipped_model_output=True, variance_noise=noise).prev_sample
-        else:
-            x = sched.step(eps, t, x).prev_sample
+    with _cross_attention_cache(model, kv_cache) as cache:
+        if cache is not None:
+            cache.prefill(hidden)
+        for t in tqdm(sched.timesteps, desc=f"{sampler} sampling", disable=not progress, leave=False):
+            tt = torch.full((shape[0],), int(t), device=device, dtype=torch.long)
+            eps = model.denoise(x, tt, hidden, attention_mask)
+            if isinstance(sched, DDIMScheduler):
+                noise = None
+                if eta > 0:
+                    noise = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)).to(device)
+                step = sched.step(eps, int(t), x, eta=eta, use_clipped_model_output=True, variance_noise=noise)
+                x = step.prev_sample
+            else:
+                x = sched.step(eps, t, x).prev_sample
     return x.clamp(-1, 1)
 
 

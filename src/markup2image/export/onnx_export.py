@@ -41,6 +41,7 @@ from markup2image.export.parity import ExportParityError, run_parity
 from markup2image.export.tensorrt import export_tensorrt
 from markup2image.io import write_json
 from markup2image.models.model import load_model
+from markup2image.models.position import PositionalAttnProcessor, attention_bias, merge_heads, split_heads
 from markup2image.runtime.manifest import FORMAT_VERSION, MANIFEST, file_records, sha256_file
 from markup2image.text.tokenizer import TOKENIZER_FILE, load_tokenizer, pad_id
 
@@ -82,24 +83,20 @@ class MaskBiasAttnProcessor:
         if spatial:
             b, c, h, w = hidden_states.shape
             hidden_states = hidden_states.flatten(2).transpose(1, 2)  # (B, HW, C)
-        bias = None
-        if attention_mask is not None:
-            bias = attention_mask.to(hidden_states.dtype)
-            bias = bias[:, None] if bias.ndim == 3 else bias  # (B, 1, 1, N)
+        bias = attention_bias(attention_mask, hidden_states.dtype)  # (B, 1, 1, N)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         if encoder_hidden_states is not None and attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
-        q = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # (B, h, L, C/h)
-        k = attn.to_k(context).unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # (B, h, N, C/h)
-        v = attn.to_v(context).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+        q = split_heads(attn.to_q(hidden_states), attn.heads)  # (B, h, L, C/h)
+        k = split_heads(attn.to_k(context), attn.heads)  # (B, h, N, C/h)
+        v = split_heads(attn.to_v(context), attn.heads)
         if attn.norm_q is not None:
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             k = attn.norm_k(k)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).flatten(2).to(q.dtype)  # (B, L, C)
+        out = merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=bias)).to(q.dtype)  # (B, L, C)
         out = attn.to_out[1](attn.to_out[0](out))
         if spatial:
             out = out.transpose(1, 2).reshape(b, c, h, w)
@@ -111,12 +108,16 @@ class MaskBiasAttnProcessor:
 def export_ready_unet(unet: nn.Module) -> nn.Module:
     """A copy of ``unet`` whose stock diffusers attention processors are :class:`MaskBiasAttnProcessor`.
 
-    The project's own processors (learned positions, CCAM) are kept as they are: they take the bias already.
+    The project's own processors (learned positions, CCAM) are kept as they are: they take the bias already. None
+    of them keeps a cross-attention K/V cache: the graph computes the markup K/V itself on every call.
     """
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     unet = copy.deepcopy(unet).eval()
     procs = unet.attn_processors
+    for proc in procs.values():
+        if isinstance(proc, PositionalAttnProcessor):
+            proc.text_cache = None
     stock = {name for name, p in procs.items() if type(p) in (AttnProcessor, AttnProcessor2_0)}
     if stock:
         log.info("export: %d stock diffusers attention processor(s) -> MaskBiasAttnProcessor", len(stock))

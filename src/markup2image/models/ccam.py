@@ -14,6 +14,10 @@ key dim ``r``, value dim ``C``), so ``R [HW, HW]`` is never built by this code (
 and the module exports to ONNX: no data-dependent Python control flow, the memory mask is the text bias padded with
 zeros for the image keys.
 
+Everything that depends on the markup alone (ChA's K/V, the text rows ``t W_t W_k``, ``t W_t W_v`` of CoA's memory) is
+:meth:`ContextAwareCrossAttention.text_projections`, computed once per markup batch while sampling
+(:func:`markup2image.models.position.cross_attention_kv_cache`).
+
 Interpretations (the paper gives no code): ``Psi`` is a learned linear map; the relation is single-head; learned
 positions (``model.position_embeddings``) enter both branches exactly as in a plain cross-attention block.
 """
@@ -24,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from markup2image.models.position import PositionalAttnProcessor, attention_bias, multi_head_attention
+from markup2image.models.position import PositionalAttnProcessor, multi_head_attention
 
 
 class ContextAwareCrossAttention(PositionalAttnProcessor):
@@ -59,37 +63,42 @@ class ContextAwareCrossAttention(PositionalAttnProcessor):
         self.context_out = nn.Linear(channels, channels)
         self.fusion = nn.Linear(2 * channels, channels)  # W_f over [ChA ; CoA]
 
-    def channel_attention(self, attn: nn.Module, v: torch.Tensor, t: torch.Tensor, bias: torch.Tensor | None):
-        """ChA = MHA(q=v, k=t, v=t): ``[B, HW, C]``."""
-        out = multi_head_attention(attn.to_q(v), attn.to_k(t), attn.to_v(t), attn.heads, bias)
-        return attn.to_out[1](attn.to_out[0](out))
+    def text_projections(self, attn: nn.Module, encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Everything CCAM computes from the markup alone, each ``[B, N, C]``: ChA's key and value, and the text rows
+        of CoA's memory keys and values, ``t W_t W_k`` and ``t W_t W_v`` (cacheable across denoising steps)."""
+        t = self.text_tokens(encoder_hidden_states)
+        memory = self.text_to_memory(t)  # t W_t, (B, N, C)
+        return attn.to_k(t), attn.to_v(t), self.memory_key(memory), self.memory_value(memory)
 
-    def context_attention(self, v: torch.Tensor, t: torch.Tensor, bias: torch.Tensor | None, heads: int):
-        """CoA = MHA(Psi(R v W_c), M W_k, M W_v) with ``M = [v ; t W_t]``: ``[B, HW, C]``."""
+    def context_attention(
+        self,
+        v: torch.Tensor,
+        text_keys: torch.Tensor,
+        text_values: torch.Tensor,
+        bias: torch.Tensor | None,
+        heads: int,
+    ) -> torch.Tensor:
+        """CoA = MHA(Psi(R v W_c), M W_k, M W_v) with ``M = [v ; t W_t]``: ``[B, HW, C]``.
+
+        ``W_k, W_v`` have no bias, so ``M W_k = [v W_k ; t W_t W_k]`` row by row: the text rows come in precomputed.
+        """
         a = self.relation_a(v)[:, None]  # (B, 1, HW, r)
         b = self.relation_b(v)[:, None]  # (B, 1, HW, r)
         c = self.relation_value(v)[:, None]  # (B, 1, HW, C)
         context = F.scaled_dot_product_attention(a, b, c).squeeze(1)  # R v W_c, (B, HW, C); scale 1/sqrt(r)
         query = self.psi(context)
-        memory = torch.cat([v, self.text_to_memory(t)], dim=1)  # (B, HW + N, C)
+        keys = torch.cat([self.memory_key(v), text_keys], dim=1)  # (B, HW + N, C)
+        values = torch.cat([self.memory_value(v), text_values], dim=1)
         memory_bias = None if bias is None else F.pad(bias, (v.shape[1], 0))  # image keys never masked
-        out = multi_head_attention(query, self.memory_key(memory), self.memory_value(memory), heads, memory_bias)
-        return self.context_out(out)
+        return self.context_out(multi_head_attention(query, keys, values, heads, memory_bias))
 
-    def forward(
-        self,
-        attn: nn.Module,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        **kwargs,
+    def attend(
+        self, attn: nn.Module, x: torch.Tensor, text: tuple[torch.Tensor, ...] | None, bias: torch.Tensor | None
     ) -> torch.Tensor:
-        """``hidden_states [B, HW, C]``, ``encoder_hidden_states [B, N, D]``, mask -> ``[B, HW, C]``."""
-        if encoder_hidden_states is None:
+        """``W_f [ChA ; CoA]`` for image tokens ``x [B, HW, C]`` (positions added) and the text projections."""
+        if text is None:
             raise ValueError("ContextAwareCrossAttention replaces a cross-attention; it needs encoder_hidden_states")
-        v, t = self.add_positions(hidden_states, encoder_hidden_states)
-        bias = attention_bias(attention_mask, v.dtype)
-        cha = self.channel_attention(attn, v, t, bias)
-        coa = self.context_attention(v, t, bias, attn.heads)
+        k, v, memory_keys, memory_values = text
+        cha = super().attend(attn, x, (k, v), bias)  # ChA = MHA(q=x, k=t, v=t)
+        coa = self.context_attention(x, memory_keys, memory_values, bias, attn.heads)
         return self.fusion(torch.cat([cha, coa], dim=-1))

@@ -11,9 +11,16 @@ The residual path of the transformer block is untouched (the embeddings only ent
 padding mask arrives as diffusers' additive bias ``[B, 1, N]`` and is broadcast to ``[B, 1, 1, N]`` over heads and
 queries, batch-major (never repeated head-major, SS-DM's mask bug). Attention runs through
 ``scaled_dot_product_attention`` with no Python branch on tensor values, so the U-Net exports to ONNX.
+
+While sampling, the markup features are the same at every step: :func:`cross_attention_kv_cache` lets every
+cross-attention project them to K/V once per batch (``sample_images`` uses it by default). Training and the ONNX
+graphs compute K/V on every call.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -39,15 +46,22 @@ def attention_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tenso
     raise ValueError(f"attention mask: expected [B, N], [B, 1, N] or [B, 1, 1, N], got shape {tuple(mask.shape)}")
 
 
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[B, L, C]`` -> ``[B, h, L, C/h]``."""
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """``[B, h, L, C/h]`` -> ``[B, L, C]``."""
+    return x.transpose(1, 2).flatten(2)
+
+
 def multi_head_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """``q [B, L, C]``, ``k, v [B, S, C]``, ``bias [B, 1, 1, S]`` or None -> ``[B, L, C]``."""
-    q = q.unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, h, L, C/h)
-    k = k.unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, h, S, C/h)
-    v = v.unflatten(-1, (heads, -1)).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, h, L, C/h)
-    return out.transpose(1, 2).flatten(2)
+    q, k, v = (split_heads(z, heads) for z in (q, k, v))  # (B, h, L|S, C/h)
+    return merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=bias))
 
 
 def _tracing() -> bool:
@@ -95,8 +109,32 @@ class TextPositionEmbedding(nn.Module):
         return t + self.weight[: t.shape[1]].to(t.dtype)
 
 
+class TextCacheSlot:
+    """What one cross-attention processor computed from one ``encoder_hidden_states`` tensor.
+
+    The projections are reused while the processor keeps receiving that same tensor object, unmodified
+    (``_version`` unchanged); any other tensor (a new batch) is projected afresh and replaces them.
+    """
+
+    def __init__(self) -> None:
+        self.source: torch.Tensor | None = None
+        self.version = -1
+        self.projections: tuple[torch.Tensor, ...] = ()
+
+    def holds(self, t: torch.Tensor) -> bool:
+        return self.source is t and self.version == t._version
+
+    def store(self, t: torch.Tensor, projections: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        self.source, self.version, self.projections = t, t._version, projections
+        return projections
+
+
 class PositionalAttnProcessor(nn.Module):
     """Masked multi-head attention for a diffusers ``Attention``, with optional learned positions.
+
+    Everything a cross-attention computes from the markup alone (:meth:`text_projections`: the text K/V) can be
+    cached across the denoising steps of one batch: see :func:`cross_attention_kv_cache`. Without a cache (the
+    default, training, ONNX export) it is computed on every call.
 
     Args:
         height / width / channels: the feature map this attention runs on; ``height=0`` means no image positions.
@@ -109,16 +147,42 @@ class PositionalAttnProcessor(nn.Module):
         super().__init__()
         self.image_pos = ImagePositionEmbedding(height, width, channels) if height else None
         self.text_pos = TextPositionEmbedding(text_length, text_dim) if text_length else None
+        self.text_cache: TextCacheSlot | None = None  # set by cross_attention_kv_cache
 
-    def add_positions(
-        self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Image tokens ``[B, HW, C]`` and text tokens ``[B, N, D]`` (or None) with their positions added."""
-        x = hidden_states if self.image_pos is None else self.image_pos(hidden_states)
-        t = encoder_hidden_states
-        if t is not None and self.text_pos is not None:
-            t = self.text_pos(t)
-        return x, t
+    def text_tokens(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """Markup tokens ``[B, N, D]`` with their positions added (when this block has a table)."""
+        return encoder_hidden_states if self.text_pos is None else self.text_pos(encoder_hidden_states)
+
+    def text_projections(self, attn: nn.Module, encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Markup tokens ``[B, N, D]`` -> the cross-attention's key and value, each ``[B, N, C]``."""
+        t = self.text_tokens(encoder_hidden_states)
+        return attn.to_k(t), attn.to_v(t)
+
+    def cached_text_projections(
+        self, attn: nn.Module, encoder_hidden_states: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """:meth:`text_projections`, taken from the cache when it holds this very tensor (never while exporting)."""
+        slot = self.text_cache
+        if slot is None or _tracing():
+            return self.text_projections(attn, encoder_hidden_states)
+        if torch.compiler.is_compiling():
+            # A compiled graph cannot guard on tensor identity or version counters (a graph break, which also ends
+            # the CUDA graph of the step): it reads what CrossAttentionKVCache.prefill stored before the call, and
+            # never stores (a CUDA graph's outputs are overwritten by its next replay).
+            if slot.source is not None and slot.source.shape == encoder_hidden_states.shape:
+                return slot.projections
+            return self.text_projections(attn, encoder_hidden_states)
+        if slot.holds(encoder_hidden_states):
+            return slot.projections
+        return slot.store(encoder_hidden_states, self.text_projections(attn, encoder_hidden_states))
+
+    def attend(
+        self, attn: nn.Module, x: torch.Tensor, text: tuple[torch.Tensor, ...] | None, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Image tokens ``x [B, HW, C]`` (positions added), the text projections or None (self-attention)."""
+        k, v = (attn.to_k(x), attn.to_v(x)) if text is None else text
+        out = multi_head_attention(attn.to_q(x), k, v, attn.heads, bias)
+        return attn.to_out[1](attn.to_out[0](out))
 
     def forward(
         self,
@@ -130,8 +194,56 @@ class PositionalAttnProcessor(nn.Module):
         **kwargs,
     ) -> torch.Tensor:
         """``hidden_states [B, HW, C]``, ``encoder_hidden_states [B, N, D]`` or None -> ``[B, HW, C]``."""
-        x, t = self.add_positions(hidden_states, encoder_hidden_states)
-        ctx = x if t is None else t
-        bias = attention_bias(attention_mask, x.dtype)
-        out = multi_head_attention(attn.to_q(x), attn.to_k(ctx), attn.to_v(ctx), attn.heads, bias)
-        return attn.to_out[1](attn.to_out[0](out))
+        x = hidden_states if self.image_pos is None else self.image_pos(hidden_states)
+        text = None
+        if encoder_hidden_states is not None:
+            text = self.cached_text_projections(attn, encoder_hidden_states)
+        return self.attend(attn, x, text, attention_bias(attention_mask, x.dtype))
+
+
+class CrossAttentionKVCache:
+    """The cross-attentions of a model whose markup projections are being cached (see the context manager)."""
+
+    def __init__(self, sites: list[tuple[nn.Module, PositionalAttnProcessor]]) -> None:
+        self.sites = sites
+
+    def prefill(self, encoder_hidden_states: torch.Tensor) -> None:
+        """Project ``encoder_hidden_states [B, N, D]`` for every cross-attention now, outside any compiled region.
+
+        Needed before ``torch.compile`` / CUDA-graph capture of the U-Net: the cached K/V must exist as ordinary
+        tensors before the graph is recorded (a graph's own outputs are overwritten by its next replay), so that
+        the compiled steps only read them.
+        """
+        for attn, proc in self.sites:
+            proc.text_cache.store(encoder_hidden_states, proc.text_projections(attn, encoder_hidden_states))
+
+    def clear(self) -> None:
+        for _, proc in self.sites:
+            proc.text_cache = TextCacheSlot()
+
+
+@contextlib.contextmanager
+def cross_attention_kv_cache(module: nn.Module) -> Iterator[CrossAttentionKVCache]:
+    """Compute the markup K/V of every cross-attention in ``module`` once per markup batch, not once per step.
+
+    Inside the ``with`` block, each :class:`PositionalAttnProcessor` (and CCAM) keeps the projections of the
+    ``encoder_hidden_states`` tensor it last saw and reuses them while it is given that same, unmodified tensor;
+    a different tensor (the next batch) is projected afresh. Gives the same output as without the cache. Meant for
+    sampling under ``torch.no_grad()`` (a cache built with gradients would keep the graph of its first step).
+    ``module`` is a U-Net, a whole model or a ``torch.compile`` wrapper; ONNX export never uses a cache.
+    """
+    from diffusers.models.attention_processor import Attention
+
+    sites = [
+        (m, m.processor)
+        for m in module.modules()
+        if isinstance(m, Attention) and m.is_cross_attention and isinstance(m.processor, PositionalAttnProcessor)
+    ]
+    before = [proc.text_cache for _, proc in sites]
+    cache = CrossAttentionKVCache(sites)
+    cache.clear()
+    try:
+        yield cache
+    finally:
+        for (_, proc), slot in zip(sites, before):
+            proc.text_cache = slot

@@ -16,10 +16,11 @@ one more per step, in step order.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
+SamplerName = Literal["ddpm", "ddim", "dpm_solver"]
 SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpm_solver")
 F32 = np.float32
 
@@ -59,7 +60,10 @@ def alphas_cumprod(scheduler_config: dict[str, Any]) -> np.ndarray:
 
 
 def check_steps(sampler: str, steps: int, num_train_timesteps: int) -> int:
-    """The same rules as ``diffusion.sampling.check_steps`` (kept torch-free here)."""
+    """``steps`` if ``sampler`` can run that many steps of a ``num_train_timesteps`` schedule, else ``ValueError``.
+
+    The one copy of these rules: the torch sampler (``diffusion.sampling.check_steps``) calls it too.
+    """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler: unknown sampler {sampler!r}; choose from {list(SAMPLERS)}")
     if sampler == "ddpm" and steps != num_train_timesteps:
@@ -70,6 +74,11 @@ def check_steps(sampler: str, steps: int, num_train_timesteps: int) -> int:
     if not 1 <= steps <= num_train_timesteps:
         raise ValueError(f"steps: {steps} is outside 1..{num_train_timesteps}")
     return steps
+
+
+def eta_for(sampler: str) -> float:
+    """DDIM's ``eta`` for ``sampler``: 1 for ddpm (ancestral, ``fixed_small`` variance), 0 for ddim."""
+    return 1.0 if sampler == "ddpm" else 0.0
 
 
 class DDIMStepper:
@@ -170,8 +179,6 @@ class DPMSolverPlusPlus2M:
 def make_stepper(sampler: str, scheduler_config: dict[str, Any], steps: int) -> DDIMStepper | DPMSolverPlusPlus2M:
     """A fresh numpy stepper for ``sampler`` (``ddpm``, ``ddim`` or ``dpm_solver``) over ``steps`` steps."""
     check_steps(sampler, steps, int(scheduler_config["num_train_timesteps"]))
-    if sampler == "ddpm":
-        return DDIMStepper(scheduler_config, steps, eta=1.0)
-    if sampler == "ddim":
-        return DDIMStepper(scheduler_config, steps, eta=0.0)
+    if sampler in ("ddpm", "ddim"):
+        return DDIMStepper(scheduler_config, steps, eta=eta_for(sampler))
     return DPMSolverPlusPlus2M(scheduler_config, steps)
