@@ -9,7 +9,8 @@ Linux can report the forking parent's peak): ONNX Runtime allocates outside Pyth
 Backends: ``torch`` (eager fp32, :func:`markup2image.diffusion.sampling.sample_images`), ``torch_fast`` (CUDA only:
 bf16, channels-last, ``torch.compile(mode="reduce-overhead")``, whose CUDA graphs replay the step), ``onnxruntime``
 and ``tensorrt`` (:mod:`markup2image.runtime`). A backend that cannot run here is listed under ``skipped`` with the
-reason.
+reason. Both torch backends compute the cross-attention K/V once per batch; ``torch_no_kv_cache`` is ``torch``
+computing them at every step, for comparison.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "torch_fast", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "torch_fast", "torch_no_kv_cache", "onnxruntime", "tensorrt")
 
 # Run one sampling pass of one backend in a fresh interpreter and print its peak RSS.
 _MEMORY_PROBE = """
@@ -40,7 +41,7 @@ backend, export_dir, model_dir, batch, length, steps, threads = json.loads(sys.a
 import numpy as np
 ids = np.random.default_rng(0).integers(4, 30, (batch, length)).astype(np.int64)
 mask = np.ones_like(ids)
-if backend == "torch":
+if backend.startswith("torch"):
     import torch
     from markup2image.bench_sample import _diffusion_from_manifest
     from markup2image.diffusion.sampling import sample_images
@@ -50,7 +51,8 @@ if backend == "torch":
         torch.set_num_threads(threads)
     model = load_model(model_dir)
     sample_images(model, torch.from_numpy(ids), torch.from_numpy(mask), sampler="ddim", steps=steps, seed=0,
-                  diffusion=_diffusion_from_manifest(load_manifest(export_dir)))
+                  diffusion=_diffusion_from_manifest(load_manifest(export_dir)),
+                  kv_cache=backend != "torch_no_kv_cache")
 else:
     from markup2image.runtime.sampler import ExportedModel
     ExportedModel(export_dir, backend=backend, threads=threads or None).sample(ids, mask, sampler="ddim",
@@ -107,7 +109,9 @@ def _time_runs(run: Callable[[], Any], warmup: int, repeats: int) -> list[float]
     return times
 
 
-def _torch_runner(model_dir: Path, manifest: dict, fast: bool, threads: int | None) -> Callable[..., Any]:
+def _torch_runner(
+    model_dir: Path, manifest: dict, fast: bool, threads: int | None, kv_cache: bool = True
+) -> Callable[..., Any]:
     """``run(ids, mask, steps)`` through ``sample_images``; ``fast``: the CUDA bf16/compile path."""
     import torch
 
@@ -131,6 +135,7 @@ def _torch_runner(model_dir: Path, manifest: dict, fast: bool, threads: int | No
             steps=steps,
             seed=0,
             diffusion=diffusion,
+            kv_cache=kv_cache,
         )
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -290,7 +295,9 @@ def bench_sample(
                 skipped[backend] = reason
                 continue
             if backend.startswith("torch"):
-                run = _torch_runner(model_dir, manifest, backend == "torch_fast", threads)
+                run = _torch_runner(
+                    model_dir, manifest, backend == "torch_fast", threads, kv_cache=backend != "torch_no_kv_cache"
+                )
             else:
                 run = _runtime_runner(export_dir, backend, threads)
             results += _bench_backend(backend, run, batch_sizes, steps, length, warmup, repeats)

@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--backends",
         nargs="+",
         default=["torch", "onnxruntime"],
-        help="sample: torch, torch_fast (CUDA), onnxruntime, tensorrt",
+        help="sample: torch, torch_fast (CUDA), torch_no_kv_cache, onnxruntime, tensorrt",
     )
     b.add_argument("--objectives", nargs="+", default=["ddpm", "ss_dm", "cdcd", "fsa_cdm"])
     b.add_argument("--sizes", nargs="+", default=["tiny"], help="train: tiny, paper, params")

@@ -306,7 +306,7 @@ def test_bench_sample_times_both_backends(exported: tuple[Path, Path, dict]) -> 
     _, out_dir, _ = exported
     report = bench_sample(
         out_dir,
-        backends=("torch", "torch_fast", "onnxruntime"),
+        backends=("torch", "torch_fast", "torch_no_kv_cache", "onnxruntime"),
         batch_sizes=(1, 2),
         steps=(2, 3),
         warmup=1,
@@ -315,12 +315,13 @@ def test_bench_sample_times_both_backends(exported: tuple[Path, Path, dict]) -> 
     )
     json.dumps(report)  # JSON-able
     rows = {(r["backend"], r["batch"], r["steps"]): r for r in report["results"]}
-    assert set(rows) == {(b, n, s) for b in ("torch", "onnxruntime") for n in (1, 2) for s in (2, 3)}
+    ran = ("torch", "torch_no_kv_cache", "onnxruntime")
+    assert set(rows) == {(b, n, s) for b in ran for n in (1, 2) for s in (2, 3)}
     for (_, batch, steps), r in rows.items():
         assert len(r["runs"]) == 2 and r["seconds_per_run"] == pytest.approx(float(np.median(r["runs"])), abs=2e-4)
         assert r["seconds_per_step"] == pytest.approx(r["seconds_per_run"] / steps, rel=1e-2)
         assert r["images_per_second"] == pytest.approx(batch / r["seconds_per_run"], rel=1e-2)
-    assert set(report["speedup"]) == {f"onnxruntime_vs_torch/b{n}_s{s}" for n in (1, 2) for s in (2, 3)}
+    assert set(report["speedup"]) == {f"{b}_vs_torch/b{n}_s{s}" for b in ran[1:] for n in (1, 2) for s in (2, 3)}
     assert "CUDA" in report["skipped"]["torch_fast"] and report["device"] == "cpu"
     # the runtime never loads torch, so its sampling path stays far below torch's resident memory
     mem = report["peak_memory"]
