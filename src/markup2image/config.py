@@ -187,6 +187,7 @@ class HcmaConfig:
     max_boxes: int = 32  # boxes per image kept in a batch (the first ones, in layout order)
     detach_text: bool = True  # align the image side to the markup features without moving the markup encoder
     translate: bool = True  # training: move each (y_t, boxes) pair by a random in-canvas offset (grounds L_local)
+    center_text: bool = True  # align to markup features minus their running mean (else 1 - cos is trivially low)
 
 
 @dataclass(frozen=True)

@@ -431,3 +431,24 @@ def test_summary_counts_the_hcma_parameters() -> None:
     assert off["hcma"] == 0 and on["hcma"] > 0
     assert on["total"] - off["total"] == on["hcma"]
     assert on["config"]["hcma_global_weight"] == 1.0
+
+
+def test_text_mean_is_a_running_mean_updated_only_in_training() -> None:
+    module = tiny_module()
+    x, t = torch.randn(2, 1, 16, 32), torch.tensor([10, 900])
+    hidden, mask = torch.randn(2, 3, 8), torch.tensor([[1, 1, 0], [1, 0, 0]])
+    module.alignment_losses(x, t, hidden, mask)
+    assert not module.text_mean.any()  # eval: untouched
+    module.train()
+    module.alignment_losses(x, t, hidden, mask)
+    first = hidden[mask.bool()].mean(0)  # the 3 valid tokens
+    torch.testing.assert_close(module.text_mean, first)  # first update: weight 1
+    module.alignment_losses(x, t, hidden + 1.0, mask)
+    torch.testing.assert_close(module.text_mean, first + 0.5)  # second: weight 1/2
+    # centred targets: a direction every markup shares (here +100 on feature 0) is taken out of the alignment
+    module.eval()
+    common = torch.zeros(8)
+    common[0] = 100.0
+    before = module.alignment_losses(x, t, hidden, mask)["global"]
+    module.text_mean.add_(common)
+    torch.testing.assert_close(module.alignment_losses(x, t, hidden + common, mask)["global"], before)

@@ -378,12 +378,23 @@ def _train_step(run: _Run, params: Params, step: int, terms_acc: dict[str, tuple
         terms["loss"] = float(loss.detach())
         _accumulate_terms(terms_acc, terms, batch.timesteps, num_t)
     if cfg.grad_clip > 0:
-        acc.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+        _clip_gradients(run, cfg.grad_clip)
     run.opt.step()
     run.lr_sched.step()  # accelerate skips it when an fp16 step was skipped for inf/nan gradients
     run.opt.zero_grad(set_to_none=True)
     if not acc.optimizer_step_was_skipped:
         run.ema.step(run.trainable)
+
+
+def _clip_gradients(run: _Run, max_norm: float) -> None:
+    """Clip the gradient norm to ``max_norm``: the denoiser's and (if any) the HCMA module's each on its own, so
+    neither scales the other's step (the denoiser's clipping is what it is without HCMA)."""
+    if run.net.hcma is None:
+        run.acc.clip_grad_norm_(run.model.parameters(), max_norm)
+        return
+    own = [p for n, p in run.net.named_parameters() if not n.startswith("hcma.")]
+    run.acc.clip_grad_norm_(own, max_norm)  # unscales every gradient of the optimizer (fp16) first
+    torch.nn.utils.clip_grad_norm_(list(run.net.hcma.parameters()), max_norm)
 
 
 def _hcma_batch(net: MarkupToImageModel, data: dict, generator: torch.Generator, device: Any) -> HcmaBatch | None:
