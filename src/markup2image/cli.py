@@ -196,6 +196,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             objectives=tuple(args.objectives),
             sizes=tuple(args.sizes),
             steps=args.steps,
+            batch_size=args.batch,
             domain=args.domain or params.domains[0],
             device="cuda" if _cuda() else "cpu",
         )
@@ -308,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--objectives", nargs="+", default=["ddpm", "ss_dm", "cdcd", "fsa_cdm"])
     b.add_argument("--sizes", nargs="+", default=["tiny"], help="train: tiny, paper, params")
+    b.add_argument("--batch", type=int, default=None, help="train: images per step (default 8; 2 for paper)")
     b.add_argument("--processes", type=int, nargs="+", help="train: time the real train stage at these process counts")
     b.add_argument("--out", type=Path)
     b.set_defaults(fn=cmd_bench)
