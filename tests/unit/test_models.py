@@ -282,13 +282,11 @@ class _Denoise(torch.nn.Module):
         return self.model.denoise(sample, timestep, hidden, mask)
 
 
-def test_unet_with_ccam_exports_to_onnx(tmp_path):
-    model = _model(ccam=True)
-    x, t, hidden, mask = _inputs(b=2, n=6)
-    path = tmp_path / "unet.onnx"
+def _export_denoiser(model, inputs: tuple, path) -> None:
+    """``model.denoise`` -> ONNX (torchscript exporter, opset 17), batch and text length dynamic."""
     torch.onnx.export(
         _Denoise(model),
-        (x, t, hidden, mask),
+        inputs,
         str(path),
         opset_version=17,
         dynamo=False,
@@ -301,6 +299,12 @@ def test_unet_with_ccam_exports_to_onnx(tmp_path):
             "encoder_attention_mask": {0: "batch", 1: "tokens"},
         },
     )
+
+
+def test_unet_with_ccam_exports_to_onnx(tmp_path):
+    model = _model(ccam=True)
+    path = tmp_path / "unet.onnx"
+    _export_denoiser(model, _inputs(b=2, n=6), path)
     assert path.stat().st_size > 0
     if importlib.util.find_spec("onnxruntime") is None:
         pytest.skip("onnxruntime not installed: export checked, parity not")
@@ -419,15 +423,7 @@ def test_export_ignores_an_active_kv_cache(tmp_path):
         cache.prefill(hidden)
         copy = export_ready_unet(model.unet)
         assert all(p.text_cache is None for p in copy.modules() if isinstance(p, PositionalAttnProcessor))
-        torch.onnx.export(
-            _Denoise(model),
-            (x, t, hidden, mask),
-            str(path),
-            opset_version=17,
-            dynamo=False,
-            input_names=["sample", "timestep", "encoder_hidden_states", "encoder_attention_mask"],
-            output_names=["eps"],
-        )
+        _export_denoiser(model, (x, t, hidden, mask), path)
     if importlib.util.find_spec("onnxruntime") is None:
         pytest.skip("onnxruntime not installed")
     import onnxruntime as ort
