@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
+from tiny_models import TINY_IMAGE, TINY_MODEL
 
 from markup2image.config import DomainConfig, ModelConfig, Params
 from markup2image.diffusion.sampling import sample_images
@@ -20,23 +21,7 @@ from markup2image.models.position import PositionalAttnProcessor
 from markup2image.models.summary import count_parameters, parameter_summary, sized_model_config, with_switches
 from markup2image.models.unet_parts import ccam_sites, level_size, transformer_sites
 
-IMAGE = DomainConfig(height=8, width=16, channels=1)
-TINY = ModelConfig(
-    block_out_channels=(8, 16),
-    cross_attention_levels=(True, True),
-    layers_per_block=1,
-    attention_head_dim=2,
-    norm_num_groups=4,
-    encoder_dim=16,
-    encoder_layers=1,
-    encoder_heads=2,
-    max_text_length=12,
-    ccam_blocks=2,
-    ccam_rank=4,
-    fsa_channels=(4, 8),
-    fsa_hidden=8,
-    contrastive_dim=8,
-)
+IMAGE, TINY = TINY_IMAGE, TINY_MODEL
 
 
 def _model(**switches) -> MarkupToImageModel:

@@ -7,9 +7,10 @@ import math
 
 import pytest
 import torch
+from tiny_models import TINY_IMAGE, TINY_MODEL
 from torch import nn
 
-from markup2image.config import DomainConfig, HcmaConfig, ModelConfig, Params, TrainConfig
+from markup2image.config import HcmaConfig, Params, TrainConfig
 from markup2image.diffusion.objectives import (
     OBJECTIVES,
     TrainBatch,
@@ -23,23 +24,7 @@ from markup2image.diffusion.objectives import (
 from markup2image.models.hcma import HcmaBatch, LayoutBatch
 from markup2image.models.model import MarkupToImageModel
 
-IMAGE = DomainConfig(height=8, width=16, channels=1)
-TINY = ModelConfig(
-    block_out_channels=(8, 16),
-    cross_attention_levels=(True, True),
-    layers_per_block=1,
-    attention_head_dim=2,
-    norm_num_groups=4,
-    encoder_dim=16,
-    encoder_layers=1,
-    encoder_heads=2,
-    max_text_length=12,
-    ccam_blocks=2,
-    ccam_rank=4,
-    fsa_channels=(4, 8),
-    fsa_hidden=8,
-    contrastive_dim=8,
-)
+IMAGE, TINY = TINY_IMAGE, TINY_MODEL
 SCHED = noise_scheduler(Params().diffusion)
 
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_models import TINY_MODEL
 
 from markup2image.cli import main
-from markup2image.config import DiffusionConfig, DomainConfig, ModelConfig, Params
+from markup2image.config import DiffusionConfig, DomainConfig, Params
 from markup2image.diffusion.sampling import sample_images, to_uint8
 from markup2image.evaluation.evaluate import select_test_items
 from markup2image.evaluation.metrics import score_pair
@@ -22,17 +23,7 @@ from markup2image.text.tokenizer import TOKENIZER_FILE, encode_batch, train_bpe
 
 MARKUP = ["x ^ { 2 }", "a + b", "\\frac { a } { b }", "y _ { i }", "\\sqrt { x }"]
 IMAGE = DomainConfig(height=16, width=32, channels=1)
-TINY = ModelConfig(
-    block_out_channels=(8, 16),
-    cross_attention_levels=(False, True),
-    layers_per_block=1,
-    attention_head_dim=2,
-    norm_num_groups=4,
-    encoder_dim=16,
-    encoder_layers=1,
-    encoder_heads=2,
-    max_text_length=12,
-)
+TINY = dataclasses.replace(TINY_MODEL, cross_attention_levels=(False, True))
 DIFFUSION = DiffusionConfig(num_train_timesteps=20)  # saved with the model: ddpm runs all 20 steps
 
 
