@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import re
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from markup2image.config import DomainConfig
 from markup2image.data.renderers.base import RenderError, RenderResult, place_top_left
-from markup2image.data.renderers.tools import BatchOutcome, bisect_batches, require_tools, run_tool
+from markup2image.data.renderers.tools import BatchOutcome, ExternalToolEngine, run_tool
 
 DEFAULT_DPI = 100.0
 # The golds (pdflatex + a raster converter) have ~1.7x the ink mass of dvipng's default anti-aliasing; gamma 4
@@ -61,37 +61,17 @@ def first_error(log: str) -> tuple[int | None, str]:
     return index, ""
 
 
-class LatexEngine:
+class LatexEngine(ExternalToolEngine):
     """``engine: latex`` — batch-capable."""
 
     name = "latex"
+    tools = ("latex", "dvipng")
+    debian_packages = DEBIAN_PACKAGES
+    single_timeout = 60.0
 
-    def render(self, markup: str, cfg: DomainConfig) -> np.ndarray:
-        (result,) = list(self.iter_batch([("item", markup)], cfg, timeout=60.0))
-        if result.image is None:
-            raise RenderError(result.reason or "crash", result.detail)  # type: ignore[arg-type]
-        return result.image
-
-    def check_available(self) -> None:
-        """Raise ``RenderError("renderer_missing")`` naming the Debian packages if the tools are not installed."""
-        require_tools(["latex", "dvipng"], DEBIAN_PACKAGES)
-
-    def iter_batch(
-        self, items: Sequence[tuple[str, str]], cfg: DomainConfig, timeout: float
-    ) -> Iterator[RenderResult]:
-        try:
-            require_tools(["latex", "dvipng"], DEBIAN_PACKAGES)
-        except RenderError as exc:
-            for item_id, _ in items:
-                yield RenderResult(item_id, reason=exc.reason, detail=exc.detail)
-            return
-        todo = []
-        for item_id, markup in items:
-            if not markup.strip():
-                yield RenderResult(item_id, reason="empty", detail="the markup is empty")
-            else:
-                todo.append((item_id, markup))
-        yield from bisect_batches(todo, lambda chunk: self._run(chunk, cfg, timeout), timeout)
+    def precheck(self, markup: str) -> None:
+        if not markup.strip():
+            raise RenderError("empty", "the markup is empty")
 
     def _run(self, chunk: list[tuple[str, str]], cfg: DomainConfig, timeout: float) -> BatchOutcome:
         """One latex + dvipng call over ``chunk``; raises TimeoutExpired when either runs over ``timeout``."""

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import re
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from markup2image.config import DomainConfig
 from markup2image.data.renderers.base import MARGIN, RenderError, RenderResult, place_top_left
-from markup2image.data.renderers.tools import BatchOutcome, bisect_batches, require_tools, run_tool
+from markup2image.data.renderers.tools import BatchOutcome, ExternalToolEngine, run_tool
 
 DEFAULT_DPI = 100.0
 DEBIAN_PACKAGES = "lilypond"
@@ -69,39 +69,16 @@ def check_snippet(markup: str) -> None:
         raise RenderError("parse_error", f"{depth} '{{' never closed")
 
 
-class LilypondEngine:
+class LilypondEngine(ExternalToolEngine):
     """``engine: lilypond`` — batch-capable."""
 
     name = "lilypond"
+    tools = ("lilypond",)
+    debian_packages = DEBIAN_PACKAGES
+    single_timeout = 120.0
 
-    def render(self, markup: str, cfg: DomainConfig) -> np.ndarray:
-        (result,) = list(self.iter_batch([("item", markup)], cfg, timeout=120.0))
-        if result.image is None:
-            raise RenderError(result.reason or "crash", result.detail)  # type: ignore[arg-type]
-        return result.image
-
-    def check_available(self) -> None:
-        """Raise ``RenderError("renderer_missing")`` naming the Debian packages if the tools are not installed."""
-        require_tools(["lilypond"], DEBIAN_PACKAGES)
-
-    def iter_batch(
-        self, items: Sequence[tuple[str, str]], cfg: DomainConfig, timeout: float
-    ) -> Iterator[RenderResult]:
-        try:
-            require_tools(["lilypond"], DEBIAN_PACKAGES)
-        except RenderError as exc:
-            for item_id, _ in items:
-                yield RenderResult(item_id, reason=exc.reason, detail=exc.detail)
-            return
-        todo = []
-        for item_id, markup in items:
-            try:
-                check_snippet(markup)
-            except RenderError as exc:
-                yield RenderResult(item_id, reason=exc.reason, detail=exc.detail)
-                continue
-            todo.append((item_id, markup))
-        yield from bisect_batches(todo, lambda chunk: self._run(chunk, cfg, timeout), timeout)
+    def precheck(self, markup: str) -> None:
+        check_snippet(markup)
 
     def _run(self, chunk: list[tuple[str, str]], cfg: DomainConfig, timeout: float) -> BatchOutcome:
         with tempfile.TemporaryDirectory(prefix="m2i-lilypond-") as tmp:

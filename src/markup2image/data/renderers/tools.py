@@ -8,6 +8,9 @@ import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
+
+from markup2image.config import DomainConfig
 from markup2image.data.renderers.base import RenderError, RenderResult
 
 # What a batch runner returns: results it could attribute, and chunks of the items it could not (to run again).
@@ -74,3 +77,53 @@ def bisect_batches(
             stack += [[it] for it in reversed(chunk)]
         else:
             stack += list(reversed(retry))
+
+
+class ExternalToolEngine:
+    """Base for batch engines that run external tools (``latex`` + ``dvipng``, ``lilypond``).
+
+    Subclasses set ``tools`` (executables that must be on PATH), ``debian_packages`` (what to install),
+    ``single_timeout`` (seconds for one item via :meth:`render`), and implement :meth:`precheck` (raise
+    ``RenderError`` for markup that must not reach the tool) and ``_run(chunk, cfg, timeout) -> BatchOutcome``.
+    A missing tool rejects every item of the batch as ``renderer_missing`` with one line naming the packages.
+    """
+
+    name = "external"
+    tools: tuple[str, ...] = ()
+    debian_packages = ""
+    single_timeout = 60.0
+
+    def render(self, markup: str, cfg: DomainConfig) -> np.ndarray:
+        (result,) = list(self.iter_batch([("item", markup)], cfg, timeout=self.single_timeout))
+        if result.image is None:
+            raise RenderError(result.reason or "crash", result.detail)  # type: ignore[arg-type]
+        return result.image
+
+    def check_available(self) -> None:
+        """Raise ``RenderError("renderer_missing")`` naming the Debian packages if the tools are not installed."""
+        require_tools(self.tools, self.debian_packages)
+
+    def precheck(self, markup: str) -> None:  # pragma: no cover - overridden
+        """Raise ``RenderError`` for markup that is rejected before any tool runs."""
+
+    def iter_batch(
+        self, items: Sequence[tuple[str, str]], cfg: DomainConfig, timeout: float
+    ) -> Iterator[RenderResult]:
+        try:
+            self.check_available()
+        except RenderError as exc:
+            for item_id, _ in items:
+                yield RenderResult(item_id, reason=exc.reason, detail=exc.detail)
+            return
+        todo = []
+        for item_id, markup in items:
+            try:
+                self.precheck(markup)
+            except RenderError as exc:
+                yield RenderResult(item_id, reason=exc.reason, detail=exc.detail)
+                continue
+            todo.append((item_id, markup))
+        yield from bisect_batches(todo, lambda chunk: self._run(chunk, cfg, timeout), timeout)
+
+    def _run(self, chunk: list[tuple[str, str]], cfg: DomainConfig, timeout: float) -> BatchOutcome:
+        raise NotImplementedError
