@@ -122,3 +122,27 @@ def test_checkpoints_of_other_params_are_not_resumed(tmp_path, one_thread):
     assert train(params_from_dict(raw), "math", paths, max_steps=1)["resumed_from"] == 2
     raw["train"]["lr"] = 5e-3  # another run
     assert train(params_from_dict(raw), "math", paths, max_steps=1)["resumed_from"] == 0
+
+
+def test_rerun_after_dvc_removed_outputs_restores_the_logs(tmp_path, one_thread):
+    """DVC deletes ``live/`` and ``model/`` (outputs) but keeps the persisted checkpoints when an upstream stage
+    reruns with identical data: the rerun resumes at the end, restores the logs from the checkpoint and rewrites the
+    model; with other training data the checkpoints are not resumed."""
+    import shutil
+
+    raw, paths = _setup(tmp_path / "run", steps=4, checkpoint_every=2)
+    params = params_from_dict(raw)
+    assert train(params, "math", paths)["resumed_from"] == 0
+    loss_tsv = paths.live / "plots/metrics/train/loss.tsv"
+    logged, weights = loss_tsv.read_text(), load_file(str(paths.model / MODEL_WEIGHTS))
+    shutil.rmtree(paths.live)
+    shutil.rmtree(paths.model)
+    assert train(params, "math", paths)["resumed_from"] == 4
+    assert loss_tsv.read_text() == logged
+    assert json.loads((paths.live / "metrics.json").read_text())["step"] == 4
+    assert _max_diff(load_file(str(paths.model / MODEL_WEIGHTS)), weights) == 0.0
+
+    rows = [json.loads(line) for line in (paths.tokenized / "train.jsonl").read_text().splitlines()]
+    rows[0]["ids"] = rows[0]["ids"][:-2] + rows[0]["ids"][-1:]  # another tokenization of one item
+    (paths.tokenized / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert train(params, "math", paths, max_steps=1)["resumed_from"] == 0

@@ -174,10 +174,29 @@ def micro_batch_share(
     return MicroBatchShare(batch_indices[positions], noise, timesteps)
 
 
-def run_fingerprint(params: Params, domain: str) -> str:
+DATA_FINGERPRINT_FILES = ("train.jsonl", TOKENIZER_FILE)  # in the tokenized folder: ids, markup, vocabulary
+LIVE_IN_CHECKPOINT = "live"  # a copy of the DVCLive folder as of the checkpoint's step
+
+
+def data_fingerprint(paths: TrainPaths) -> str:
+    """A hash of the training data as the loop sees it: the tokenized train split (ids and markup), the tokenizer and
+    the rendered train index (which items have images, and their layouts' presence). Pixel contents are not read
+    (at 100k images that would cost more than it saves): a re-render changes this index or the ids in nearly every
+    real case, and an identical index with identical ids is the same training set."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in [paths.tokenized / name for name in DATA_FINGERPRINT_FILES] + [paths.rendered / "train.jsonl"]:
+        h.update(path.name.encode())
+        h.update(path.read_bytes() if path.exists() else b"<missing>")
+    return h.hexdigest()[:16]
+
+
+def run_fingerprint(params: Params, domain: str, data: str = "") -> str:
     """A hash of everything that defines what training computes; checkpoints of another run are never resumed.
 
-    The process layout is left out: a run may resume on another process count with the same global batch.
+    ``data`` is :func:`data_fingerprint` of the training set, so checkpoints of a run on other data are not resumed
+    either. The process layout is left out: a run may resume on another process count with the same global batch.
     """
     import hashlib
 
@@ -186,6 +205,8 @@ def run_fingerprint(params: Params, domain: str) -> str:
     keys["domain"] = [domain, to_dict(params.domain_config(domain))]
     if params.hcma.global_weight > 0 or params.hcma.local_weight > 0:  # absent when off: old fingerprints hold
         keys["hcma"] = {k: v for k, v in to_dict(params.hcma).items() if not k.startswith("guidance_")}
+    if data:
+        keys["data"] = data
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -294,6 +315,9 @@ def _resume(run: _Run, paths: TrainPaths, fingerprint: str) -> int:
         acc.load_state(str(ckpt))
         start = json.loads((ckpt / TRAINER_STATE).read_text())["step"]
         log.info("resuming from %s (step %d)", ckpt, start)
+        if acc.is_main_process:
+            restore_live(ckpt / LIVE_IN_CHECKPOINT, paths.live)
+        acc.wait_for_everyone()
     run.ema.to(acc.device)
     return start
 
@@ -306,7 +330,7 @@ def train(params: Params, domain: str, paths: TrainPaths, max_steps: int | None 
     cfg = params.train
     acc = _accelerator(cfg)
     run = _prepare(params, domain, paths, acc)
-    fingerprint = run_fingerprint(params, domain)
+    fingerprint = run_fingerprint(params, domain, data_fingerprint(paths))
     start = _resume(run, paths, fingerprint)
     stop = cfg.steps if max_steps is None else min(cfg.steps, start + max_steps)
     live = _open_live(paths.live, start) if acc.is_main_process else None
@@ -330,7 +354,7 @@ def train(params: Params, domain: str, paths: TrainPaths, max_steps: int | None 
         if live is not None and cfg.sample_every and done % cfg.sample_every == 0:
             _log_sample_grid(live, run, params, done)
         if done % cfg.checkpoint_every == 0 or done == stop:
-            save_checkpoint(acc, paths.checkpoints, done, fingerprint, keep=cfg.keep_checkpoints)
+            save_checkpoint(acc, paths.checkpoints, done, fingerprint, keep=cfg.keep_checkpoints, live=paths.live)
     acc.wait_for_everyone()
     finished = stop >= cfg.steps
     if acc.is_main_process and finished:
@@ -503,8 +527,25 @@ def _log_sample_grid(live, run: _Run, params: Params, step: int) -> None:
         live.log_image(f"samples/step_{step:08d}.png", grid)
 
 
-def save_checkpoint(acc: Accelerator, folder: Path, step: int, fingerprint: str = "", keep: int = 0) -> None:
-    """accelerate's full state (model, optimizer, LR scheduler, grad scaler, EMA, every RNG) into ``step_<n>``.
+def restore_live(saved: Path, live: Path) -> None:
+    """Put the checkpoint's copy of the DVCLive folder back where DVC expects it.
+
+    DVC deletes a stage's outputs (``models/<d>/live``, ``models/<d>/model``) before it reruns the stage, but not the
+    persisted checkpoints; without this a rerun that resumes (an upstream stage reran with identical data, or a
+    killed run) would log nothing for the steps before the checkpoint, and with nothing left to train, DVC would
+    fail on the missing ``live/plots/metrics``. Rows after the checkpoint are pruned by :func:`_open_live`.
+    """
+    if not saved.is_dir():
+        return
+    shutil.rmtree(live, ignore_errors=True)
+    shutil.copytree(saved, live)
+
+
+def save_checkpoint(
+    acc: Accelerator, folder: Path, step: int, fingerprint: str = "", keep: int = 0, live: Path | None = None
+) -> None:
+    """accelerate's full state (model, optimizer, LR scheduler, grad scaler, EMA, every RNG) into ``step_<n>``,
+    with a copy of the DVCLive folder ``live`` as of this step (:func:`restore_live`).
 
     Written into ``.tmp_step_<n>`` with the COMPLETE marker last, then renamed, so :func:`newest_checkpoint`
     never picks up a half-written checkpoint. ``keep`` > 0 deletes all but the newest ``keep`` checkpoints.
@@ -520,6 +561,8 @@ def save_checkpoint(acc: Accelerator, folder: Path, step: int, fingerprint: str 
     if acc.is_main_process:
         state = {"step": step, "fingerprint": fingerprint, "processes": acc.num_processes}
         (tmp / TRAINER_STATE).write_text(json.dumps(state))
+        if live is not None and live.is_dir():
+            shutil.copytree(live, tmp / LIVE_IN_CHECKPOINT)
         (tmp / COMPLETE).write_text("ok\n")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
