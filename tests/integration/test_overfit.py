@@ -37,6 +37,7 @@ FORMULAS = [r"$x^2+1$", r"$\frac{a}{b}$", r"$\sqrt{y}-3$", r"$\sum_i z_i$"]
 HEIGHT, WIDTH = 16, 64
 STEPS = 700
 REPEAT = 2  # each formula twice per batch, with its own t and noise
+FSA_CDM_SWITCHES = {"fsa": True, "ccam": True, "ccam_blocks": 1, "con_aug": False}
 
 
 def _render(formula: str) -> np.ndarray:
@@ -66,7 +67,8 @@ def _tokens(formulas: list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
     return ids, mask, len(vocab) + 1
 
 
-def test_overfit_beats_blank_baseline():
+def _overfit(objective: str, switches: dict, num_negatives: int = 5) -> tuple[float, float, float]:
+    """Train on the four formulas with ``objective``; returns (final loss, model DTW, blank DTW)."""
     torch.set_num_threads(1)
     golds = np.stack([_render(f) for f in FORMULAS])  # (4, H, W) uint8
     assert (golds < 150).sum(axis=(1, 2)).min() > 10  # every formula has ink
@@ -81,8 +83,10 @@ def test_overfit_beats_blank_baseline():
         encoder_layers=1,
         encoder_heads=4,
         max_text_length=input_ids.shape[1],
+        **switches,
     )
-    params = Params(model=cfg, diffusion=DiffusionConfig(), train=TrainConfig(steps=STEPS))
+    train = TrainConfig(steps=STEPS, objective=objective, num_negatives=num_negatives)
+    params = Params(model=cfg, diffusion=DiffusionConfig(), train=train)
     torch.manual_seed(0)
     model = MarkupToImageModel(model_cfg=cfg, image=DomainConfig(height=HEIGHT, width=WIDTH), vocab_size=vocab_size)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -90,7 +94,7 @@ def test_overfit_beats_blank_baseline():
     lr = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / STEPS))
     )
-    sched, objective = noise_scheduler(params.diffusion), get_objective("ddpm")
+    sched, loss_fn = noise_scheduler(params.diffusion), get_objective(objective)
     images = torch.from_numpy(golds.astype(np.float32) / 127.5 - 1)[:, None].repeat(REPEAT, 1, 1, 1)
     model.train()
     for step in range(STEPS):
@@ -104,7 +108,7 @@ def test_overfit_beats_blank_baseline():
             timesteps=torch.randint(0, 1000, (images.shape[0],), generator=g),
             generator=g,
         )
-        loss, _ = objective(model, batch, sched, params, step)
+        loss, terms = loss_fn(model, batch, sched, params, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -113,12 +117,29 @@ def test_overfit_beats_blank_baseline():
         with torch.no_grad():
             for e, p in zip(ema.parameters(), model.parameters(), strict=True):
                 e.lerp_(p, 0.01)
-    assert loss.item() < 0.05
-
     samples = to_uint8(
         sample_images(ema.eval(), input_ids, mask, sampler="ddpm", steps=1000, seed=0, diffusion=params.diffusion)
     )
     model_dtw = np.mean([dtw_distance(s, g) for s, g in zip(samples, golds, strict=True)])
     blank_dtw = np.mean([dtw_distance(np.full_like(g, 255), g) for g in golds])
-    log.info("overfit: final loss %.4f, model DTW %.2f, blank DTW %.2f", loss.item(), model_dtw, blank_dtw)
+    simple = float(terms["loss_simple"])
+    log.info("overfit %s: L_simple %.4f, model DTW %.2f, blank DTW %.2f", objective, simple, model_dtw, blank_dtw)
+    return simple, float(model_dtw), float(blank_dtw)
+
+
+def test_overfit_beats_blank_baseline():
+    simple, model_dtw, blank_dtw = _overfit("ddpm", {})
+    assert simple < 0.05
+    assert model_dtw < 0.7 * blank_dtw, f"model DTW {model_dtw:.2f} vs blank {blank_dtw:.2f}"
+
+
+def test_fsa_cdm_overfit_beats_blank_baseline():
+    """``fsa_cdm`` with FSA (L_fa, stop-gradient targets) and a CCAM: learns the four formulas AND uses the markup.
+
+    Before the stop-gradient target in L_fa this run drew the wrong training formulas (the U-Net ignored the
+    markup: DTW 8.25 against blank 7.94); with it, DTW 3.03 (ddpm 3.73) in 109 s on the shared CPU. The
+    contrast-augmented terms are left out here: at this scale and budget they do not fit yet (session note, #4).
+    """
+    simple, model_dtw, blank_dtw = _overfit("fsa_cdm", FSA_CDM_SWITCHES, num_negatives=2)
+    assert simple < 0.05
     assert model_dtw < 0.7 * blank_dtw, f"model DTW {model_dtw:.2f} vs blank {blank_dtw:.2f}"

@@ -13,6 +13,7 @@ from diffusers.models.attention_processor import Attention
 from tiny_models import TINY_IMAGE, TINY_MODEL
 
 from markup2image.config import DomainConfig, ModelConfig, Params
+from markup2image.diffusion.losses import fine_grained_alignment_loss
 from markup2image.diffusion.sampling import sample_images
 from markup2image.models.ccam import ContextAwareCrossAttention
 from markup2image.models.fsa import FineGrainedSequenceAlignment
@@ -171,6 +172,24 @@ def test_fsa_image_encoder_maps_width_to_sequence():
     assert fsa.align(torch.randn(2, 1, 16, 40), t).shape == t.shape
     loss = fsa(torch.randn(2, 1, 16, 40), t, torch.ones(2, 5))
     assert loss.ndim == 0 and 0.0 <= loss.item() <= 3.0
+
+
+def test_fsa_loss_reaches_markup_only_through_the_cam_query():
+    """``t`` is a stop-gradient target in L_fa: its gradient equals the one through the CAM query alone."""
+    torch.manual_seed(0)
+    fsa = FineGrainedSequenceAlignment(TINY, DomainConfig(height=16, width=40, channels=1))
+    images, mask = torch.randn(2, 1, 16, 40), torch.ones(2, 5)
+    t = torch.randn(2, 5, TINY.encoder_dim, requires_grad=True)
+    (grad,) = torch.autograd.grad(fsa(images, t, mask), t)
+    t_query = t.detach().clone().requires_grad_(True)
+    via_query = fine_grained_alignment_loss(fsa.align(images, t_query), t.detach(), mask)
+    (expected,) = torch.autograd.grad(via_query, t_query)
+    torch.testing.assert_close(grad, expected)
+    assert grad.abs().sum() > 0  # the markup encoder is still shaped by L_fa
+    t_target = t.detach().clone().requires_grad_(True)
+    with_target = fine_grained_alignment_loss(fsa.align(images, t.detach()), t_target, mask)
+    (through_target,) = torch.autograd.grad(with_target, t_target)
+    assert not torch.allclose(grad, grad + through_target)  # the target path would have added a gradient
 
 
 @pytest.mark.parametrize(
