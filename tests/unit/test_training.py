@@ -195,3 +195,15 @@ def test_example_accelerate_configs_load(name):
     cfg = load_config_from_file(str(REPO / "configs/accelerate" / name))  # accelerate's own loader
     assert cfg.num_processes >= 2 and cfg.distributed_type in ("MULTI_GPU", "MULTI_CPU")
     assert cfg.num_processes % cfg.num_machines == 0
+
+
+def test_code_fingerprint_follows_the_package_sources(tmp_path, monkeypatch):
+    import markup2image
+    from markup2image.training.loop import code_fingerprint
+
+    assert code_fingerprint() == code_fingerprint()
+    (tmp_path / "a.py").write_text("x = 1\n")
+    monkeypatch.setattr(markup2image, "__file__", str(tmp_path / "__init__.py"))
+    before = code_fingerprint()
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert code_fingerprint() != before

@@ -192,11 +192,27 @@ def data_fingerprint(paths: TrainPaths) -> str:
     return h.hexdigest()[:16]
 
 
+def code_fingerprint() -> str:
+    """A hash of this package's Python sources. DVC reruns the train stage when they change (they are its deps);
+    resuming the finished run's checkpoints would then silently keep the model the old code trained."""
+    import hashlib
+
+    import markup2image
+
+    root = Path(markup2image.__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def run_fingerprint(params: Params, domain: str, data: str = "") -> str:
     """A hash of everything that defines what training computes; checkpoints of another run are never resumed.
 
-    ``data`` is :func:`data_fingerprint` of the training set, so checkpoints of a run on other data are not resumed
-    either. The process layout is left out: a run may resume on another process count with the same global batch.
+    ``data`` is :func:`data_fingerprint` of the training set (plus :func:`code_fingerprint` in :func:`train`), so
+    checkpoints of a run on other data or by other code are not resumed either. The process layout is left out:
+    a run may resume on another process count with the same global batch.
     """
     import hashlib
 
@@ -330,7 +346,7 @@ def train(params: Params, domain: str, paths: TrainPaths, max_steps: int | None 
     cfg = params.train
     acc = _accelerator(cfg)
     run = _prepare(params, domain, paths, acc)
-    fingerprint = run_fingerprint(params, domain, data_fingerprint(paths))
+    fingerprint = run_fingerprint(params, domain, data_fingerprint(paths) + code_fingerprint())
     start = _resume(run, paths, fingerprint)
     stop = cfg.steps if max_steps is None else min(cfg.steps, start + max_steps)
     live = _open_live(paths.live, start) if acc.is_main_process else None
