@@ -61,7 +61,7 @@ class MarkupImageDataset(torch.utils.data.Dataset):
         self.token_ids = [ids[r["id"]] for r in rows]
         self.layouts: dict[str, list] | None = None
         self._tokenizer: Any = None
-        self._mismatched: set[str] = set()
+        self._item_layouts: dict[int, Any] = {}  # item index -> ItemLayout or None, built on first use
         if layouts:
             from markup2image.data.layouts import load_layouts
             from markup2image.text.tokenizer import load_tokenizer
@@ -78,7 +78,14 @@ class MarkupImageDataset(torch.utils.data.Dataset):
         return load_image(self.root / self.rows[i]["image"], self.channels)
 
     def layout(self, i: int, image_size: tuple[int, int]) -> Any:
-        """Item ``i``'s :class:`~markup2image.models.hcma.ItemLayout` (None: no boxes); ``image_size = (H, W)``."""
+        """Item ``i``'s :class:`~markup2image.models.hcma.ItemLayout` (None: no boxes); ``image_size = (H, W)``.
+
+        Built once per item (tokenizing the markup for its character offsets) and reused every epoch."""
+        if i not in self._item_layouts:
+            self._item_layouts[i] = self._build_layout(i, image_size)
+        return self._item_layouts[i]
+
+    def _build_layout(self, i: int, image_size: tuple[int, int]) -> Any:
         from markup2image.models.hcma import item_layout
 
         row = self.rows[i]
@@ -87,9 +94,7 @@ class MarkupImageDataset(torch.utils.data.Dataset):
             return None
         enc = self._tokenizer.encode(row["markup"])
         if enc.ids != self.token_ids[i]:
-            if row["id"] not in self._mismatched:  # once per item, not once per epoch
-                self._mismatched.add(row["id"])
-                log.warning("%s: stored token ids differ from the tokenizer's; its layout is not used", row["id"])
+            log.warning("%s: stored token ids differ from the tokenizer's; its layout is not used", row["id"])
             return None
         return item_layout(boxes, row["markup"], enc, image_size, self.max_boxes)
 

@@ -179,14 +179,17 @@ LIVE_IN_CHECKPOINT = "live"  # a copy of the DVCLive folder as of the checkpoint
 
 
 def data_fingerprint(paths: TrainPaths) -> str:
-    """A hash of the training data as the loop sees it: the tokenized train split (ids and markup), the tokenizer and
-    the rendered train index (which items have images, and their layouts' presence). Pixel contents are not read
-    (at 100k images that would cost more than it saves): a re-render changes this index or the ids in nearly every
-    real case, and an identical index with identical ids is the same training set."""
+    """A hash of the training data as the loop sees it: the tokenized train split (ids and markup), the tokenizer,
+    the rendered train index (which items have images) and the layouts (HCMA boxes). Pixel contents are not read
+    (at 100k images that would cost more than it saves): a re-render changes this index, the layouts or the ids in
+    nearly every real case, and an identical index with identical ids is the same training set."""
     import hashlib
 
+    from markup2image.data.layouts import LAYOUTS_JSONL
+
+    rendered = [paths.rendered / "train.jsonl", paths.rendered / LAYOUTS_JSONL]
     h = hashlib.sha256()
-    for path in [paths.tokenized / name for name in DATA_FINGERPRINT_FILES] + [paths.rendered / "train.jsonl"]:
+    for path in [paths.tokenized / name for name in DATA_FINGERPRINT_FILES] + rendered:
         h.update(path.name.encode())
         h.update(path.read_bytes() if path.exists() else b"<missing>")
     return h.hexdigest()[:16]
@@ -207,12 +210,12 @@ def code_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-def run_fingerprint(params: Params, domain: str, data: str = "") -> str:
+def run_fingerprint(params: Params, domain: str, data: str = "", code: str = "") -> str:
     """A hash of everything that defines what training computes; checkpoints of another run are never resumed.
 
-    ``data`` is :func:`data_fingerprint` of the training set (plus :func:`code_fingerprint` in :func:`train`), so
-    checkpoints of a run on other data or by other code are not resumed either. The process layout is left out:
-    a run may resume on another process count with the same global batch.
+    ``data`` is :func:`data_fingerprint` of the training set and ``code`` :func:`code_fingerprint`, so checkpoints
+    of a run on other data or by other code are not resumed either. The process layout is left out: a run may
+    resume on another process count with the same global batch.
     """
     import hashlib
 
@@ -223,6 +226,8 @@ def run_fingerprint(params: Params, domain: str, data: str = "") -> str:
         keys["hcma"] = {k: v for k, v in to_dict(params.hcma).items() if not k.startswith("guidance_")}
     if data:
         keys["data"] = data
+    if code:
+        keys["code"] = code
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -346,7 +351,7 @@ def train(params: Params, domain: str, paths: TrainPaths, max_steps: int | None 
     cfg = params.train
     acc = _accelerator(cfg)
     run = _prepare(params, domain, paths, acc)
-    fingerprint = run_fingerprint(params, domain, data_fingerprint(paths) + code_fingerprint())
+    fingerprint = run_fingerprint(params, domain, data_fingerprint(paths), code_fingerprint())
     start = _resume(run, paths, fingerprint)
     stop = cfg.steps if max_steps is None else min(cfg.steps, start + max_steps)
     live = _open_live(paths.live, start) if acc.is_main_process else None
