@@ -197,6 +197,7 @@ class Params:
     contrastive_weight: float = 0.005  # params.yaml: lambda (FSA-CDM eq. 10)
     beta: float = 0.02
     tau: float = 0.1
+    infonce_weight: float = 0.0  # weight of L_infonce (paper eq. 10: 1; why 0: diffusion/objectives.py)
     domains: tuple[str, ...] = ("math",)
     domain: dict[str, DomainConfig] = field(default_factory=_default_domain_configs)
     data: DataConfig = field(default_factory=DataConfig)

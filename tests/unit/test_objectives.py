@@ -184,7 +184,9 @@ def test_fsa_cdm_without_con_aug_is_simple_plus_beta_fa():
 
 def test_fsa_cdm_composition_and_one_batched_unet_call():
     model = _model(fsa=True, con_aug=True, ccam=True)
-    params = dataclasses.replace(_params(model, num_negatives=3), beta=0.3, contrastive_weight=0.7, tau=0.2)
+    params = dataclasses.replace(
+        _params(model, num_negatives=3), beta=0.3, contrastive_weight=0.7, tau=0.2, infonce_weight=0.4
+    )
     calls = []
     model.unet.register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape[0]))
     loss, terms = get_objective("fsa_cdm")(model, _batch(b=4, keys=[1, 1, 2, 3]), SCHED, params, 0)
@@ -193,7 +195,7 @@ def test_fsa_cdm_composition_and_one_batched_unet_call():
         terms["loss_simple"]
         + terms["loss_positive"]
         + 0.7 * terms["loss_eubo"]
-        + terms["loss_infonce"]
+        + 0.4 * terms["loss_infonce"]
         + 0.3 * terms["loss_fa"]
     )
     assert math.isclose(loss.item(), expected, rel_tol=1e-5)
@@ -221,7 +223,8 @@ def test_fsa_cdm_pairs_negatives_with_the_anchor_markup():
 
 def test_fsa_cdm_gradients_reach_every_trainable_module():
     model = _model(fsa=True, con_aug=True, ccam=True)
-    loss, _ = get_objective("fsa_cdm")(model, _batch(b=4, keys=[1, 2, 3, 4]), SCHED, _params(model), 0)
+    params = dataclasses.replace(_params(model), infonce_weight=1.0)
+    loss, _ = get_objective("fsa_cdm")(model, _batch(b=4, keys=[1, 2, 3, 4]), SCHED, params, 0)
     loss.backward()
     missing = [
         n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)
@@ -230,6 +233,21 @@ def test_fsa_cdm_gradients_reach_every_trainable_module():
     assert missing == []
     for part in (model.alignment, model.contrastive_head, model.encoder):
         assert any(p.grad.abs().sum() > 0 for p in part.parameters())
+
+
+def test_fsa_cdm_infonce_weight_zero_keeps_the_head_in_the_graph():
+    """At the default ``infonce_weight`` 0 the InfoNCE term is still logged and its head gets ZERO gradients (not
+    None), so DDP finds every parameter used; the loss is exactly the weighted sum without it."""
+    model = _model(fsa=True, con_aug=True, ccam=True)
+    params = _params(model)
+    assert params.infonce_weight == 0.0
+    loss, terms = get_objective("fsa_cdm")(model, _batch(b=4, keys=[1, 2, 3, 4]), SCHED, params, 0)
+    assert terms["loss_infonce"] > 0
+    expected = terms["loss_simple"] + terms["loss_positive"] + params.contrastive_weight * terms["loss_eubo"]
+    assert math.isclose(loss.item(), expected + params.beta * terms["loss_fa"], rel_tol=1e-5)
+    loss.backward()
+    grads = [p.grad for p in model.contrastive_head.parameters()]
+    assert all(g is not None and float(g.abs().sum()) == 0.0 for g in grads)
 
 
 def test_cdcd_is_simple_minus_weighted_negatives():

@@ -219,7 +219,8 @@ def run_fingerprint(params: Params, domain: str, data: str = "", code: str = "")
     """
     import hashlib
 
-    keys = {k: v for k, v in to_dict(params).items() if k in ("lambda", "beta", "tau", "model", "diffusion", "train")}
+    top = ("lambda", "beta", "tau", "infonce_weight", "model", "diffusion", "train")
+    keys = {k: v for k, v in to_dict(params).items() if k in top}
     keys["train"] = {k: v for k, v in keys["train"].items() if k not in _NOT_FINGERPRINTED}
     keys["domain"] = [domain, to_dict(params.domain_config(domain))]
     if params.hcma.global_weight > 0 or params.hcma.local_weight > 0:  # absent when off: old fingerprints hold
