@@ -317,9 +317,10 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return params_from_dict(raw)
 
 
-def check_batch_split(t: TrainConfig, processes: int) -> None:
+def check_batch_split(t: TrainConfig, processes: int, *, con_aug: bool = True) -> None:
     """The global ``train.batch_size`` must split evenly into ``processes`` x ``train.grad_accum`` micro-batches,
-    and the contrastive objectives need more items per process micro-batch than ``train.num_negatives``.
+    and the objectives that draw negatives (``cdcd``; ``fsa_cdm`` with ``model.con_aug``) need more items per
+    process micro-batch than ``train.num_negatives``.
 
     Called by :func:`validate` with ``train.num_processes`` and again by training with the real process count
     (an accelerate config file may set another one)."""
@@ -329,7 +330,8 @@ def check_batch_split(t: TrainConfig, processes: int) -> None:
             f"({processes} x {t.grad_accum}); the batch size is global, so make it a multiple of that product"
         )
     local = t.batch_size // (processes * t.grad_accum)
-    if t.objective in ("fsa_cdm", "cdcd") and t.num_negatives >= local:
+    negatives = t.objective == "cdcd" or (t.objective == "fsa_cdm" and con_aug)
+    if negatives and t.num_negatives >= local:
         raise ConfigError(
             f"train.num_negatives: {t.num_negatives} negatives need a per-process micro-batch larger than that "
             f"(train.batch_size / (processes x train.grad_accum) = {local}); lower it or raise train.batch_size"
@@ -358,7 +360,7 @@ def validate(p: Params) -> None:
     for key in ("sample_every", "keep_checkpoints", "warmup_steps"):
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key}: must be 0 or more, got {getattr(t, key)}")
-    check_batch_split(t, t.num_processes)
+    check_batch_split(t, t.num_processes, con_aug=m.con_aug)
     for switch in ("fsa", "con_aug"):  # modules only fsa_cdm trains; unused parameters also break DDP
         if getattr(m, switch) and t.objective != "fsa_cdm":
             raise ConfigError(

@@ -110,17 +110,24 @@ def test_batch_must_split_into_processes_times_grad_accum(train, ok):
         assert "processes x train.grad_accum" in msg
 
 
+def _with_con_aug(raw: dict, on: bool) -> dict:
+    raw["model"] = {**raw.get("model", {}), "con_aug": on}
+    return raw
+
+
 @pytest.mark.parametrize("objective", ["cdcd", "fsa_cdm"])
 def test_negatives_need_a_larger_per_process_micro_batch(objective):
     # 16 / (2 processes x 2 accum) = 4 items per process micro-batch: K = 4 is too many, K = 3 fits
-    _fails(
-        _raw(objective=objective, batch_size=16, num_processes=2, grad_accum=2, num_negatives=4), "train.num_negatives"
-    )
-    params_from_dict(_raw(objective=objective, batch_size=16, num_processes=2, grad_accum=2, num_negatives=3))
+    con_aug = objective == "fsa_cdm"
+    split = {"batch_size": 16, "num_processes": 2, "grad_accum": 2}
+    _fails(_with_con_aug(_raw(objective=objective, **split, num_negatives=4), con_aug), "train.num_negatives")
+    params_from_dict(_with_con_aug(_raw(objective=objective, **split, num_negatives=3), con_aug))
 
 
 def test_negatives_are_not_checked_for_objectives_without_them():
     params_from_dict(_raw(objective="ddpm", batch_size=4, num_negatives=5))
+    # fsa_cdm draws negatives only for the contrast-augmented terms
+    params_from_dict(_with_con_aug(_raw(objective="fsa_cdm", batch_size=4, num_negatives=5), False))
 
 
 @pytest.mark.parametrize(
