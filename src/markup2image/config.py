@@ -317,20 +317,21 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return params_from_dict(raw)
 
 
-def check_batch_split(t: TrainConfig, processes: int, *, con_aug: bool = True) -> None:
+def check_batch_split(p: Params, processes: int) -> None:
     """The global ``train.batch_size`` must split evenly into ``processes`` x ``train.grad_accum`` micro-batches,
     and the objectives that draw negatives (``cdcd``; ``fsa_cdm`` with ``model.con_aug``) need more items per
     process micro-batch than ``train.num_negatives``.
 
     Called by :func:`validate` with ``train.num_processes`` and again by training with the real process count
     (an accelerate config file may set another one)."""
+    t = p.train
     if t.batch_size % (processes * t.grad_accum):
         raise ConfigError(
             f"train.batch_size: {t.batch_size} is not divisible by processes x train.grad_accum "
             f"({processes} x {t.grad_accum}); the batch size is global, so make it a multiple of that product"
         )
     local = t.batch_size // (processes * t.grad_accum)
-    negatives = t.objective == "cdcd" or (t.objective == "fsa_cdm" and con_aug)
+    negatives = t.objective == "cdcd" or (t.objective == "fsa_cdm" and p.model.con_aug)
     if negatives and t.num_negatives >= local:
         raise ConfigError(
             f"train.num_negatives: {t.num_negatives} negatives need a per-process micro-batch larger than that "
@@ -360,7 +361,7 @@ def validate(p: Params) -> None:
     for key in ("sample_every", "keep_checkpoints", "warmup_steps"):
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key}: must be 0 or more, got {getattr(t, key)}")
-    check_batch_split(t, t.num_processes, con_aug=m.con_aug)
+    check_batch_split(p, t.num_processes)
     for switch in ("fsa", "con_aug"):  # modules only fsa_cdm trains; unused parameters also break DDP
         if getattr(m, switch) and t.objective != "fsa_cdm":
             raise ConfigError(

@@ -136,7 +136,7 @@ def preflight(params: Params, gpus: int | None = None, bf16_supported: bool | No
     bf16_supported = seen_bf16 if bf16_supported is None else bf16_supported
     t = params.train
     processes, machines, cpu, config_file = _layout(t, gpus)
-    check_batch_split(t, processes, con_aug=params.model.con_aug)
+    check_batch_split(params, processes)
     precision = effective_mixed_precision(t.mixed_precision, cpu, bf16_supported)
     if precision != t.mixed_precision:
         log.warning("train.mixed_precision=%s needs a GPU; training in fp32 on the CPU", t.mixed_precision)

@@ -281,13 +281,14 @@ class _Run:
         return [p for p in self.net.parameters() if p.requires_grad]
 
 
-def _accelerator(cfg: TrainConfig, con_aug: bool) -> Accelerator:
+def _accelerator(params: Params) -> Accelerator:
     """An Accelerator for this process; fails before any work on settings this machine cannot run."""
+    cfg = params.train
     cpu = cfg.cpu or not torch.cuda.is_available()
     bf16 = not cpu and torch.cuda.is_bf16_supported()
     precision = effective_mixed_precision(cfg.mixed_precision, cpu, bf16)
     acc = Accelerator(mixed_precision=precision, cpu=cpu, step_scheduler_with_optimizer=False)
-    check_batch_split(cfg, acc.num_processes, con_aug=con_aug)
+    check_batch_split(params, acc.num_processes)
     if acc.is_main_process and precision != cfg.mixed_precision:
         log.warning("train.mixed_precision=%s needs a GPU; training in fp32 on the CPU", cfg.mixed_precision)
     return acc
@@ -350,7 +351,7 @@ def train(params: Params, domain: str, paths: TrainPaths, max_steps: int | None 
     ``max_steps`` stops after that many optimizer steps in this call (a checkpoint is written at the stop).
     """
     cfg = params.train
-    acc = _accelerator(cfg, params.model.con_aug)
+    acc = _accelerator(params)
     run = _prepare(params, domain, paths, acc)
     fingerprint = run_fingerprint(params, domain, data_fingerprint(paths), code_fingerprint())
     start = _resume(run, paths, fingerprint)
