@@ -1,4 +1,4 @@
-"""tokenize: BPE tokenizer trained on the train split (or a pretrained one), ids for all splits."""
+"""tokenize: a BPE, word or char tokenizer trained on the train split (or a pretrained one), ids for all splits."""
 
 from pathlib import Path
 
@@ -13,7 +13,7 @@ def main() -> None:
     args = p.parse_args()
     params = setup(args)
     t = params.tokenize
-    tokenize_corpus(args.rendered, args.out, t.vocab_size, t.min_frequency, t.pretrained)
+    tokenize_corpus(args.rendered, args.out, t.vocab_size, t.min_frequency, t.pretrained, kind=t.kind)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,9 @@ class DataConfig:
     train_size: int = 512
     val_size: int = 32
     test_size: int = 32
+    # synthetic math grammar: nesting depth (fractions in scripts in brackets) and terms per flat expression
+    max_depth: int = 2
+    max_terms: int = 5
     # hub: dataset id per domain (datasets.load_dataset); file: a JSONL/CSV path per domain
     hub_ids: dict[str, str] = field(
         default_factory=lambda: {
@@ -81,6 +84,7 @@ class RenderConfig:
 
 @dataclass(frozen=True)
 class TokenizeConfig:
+    kind: Literal["bpe", "word", "char"] = "bpe"  # trained tokenizer (text/tokenizer.py); ignored with pretrained
     vocab_size: int = 512
     min_frequency: int = 2
     max_length: int = 128
@@ -119,6 +123,11 @@ class DiffusionConfig:
     beta_start: float = 1e-4
     beta_end: float = 0.02
     beta_schedule: Literal["linear"] = "linear"
+    # what the U-Net predicts (the model turns it into a noise prediction; models/parameterization.py) and the loss
+    # weighting: snr_gamma 0 trains each parameterisation in its own space (MSE on eps, v or y0), > 0 uses
+    # min-SNR-gamma weights (Hang et al. 2023) on the y0 error: min(SNR, gamma) ||y0 - y0_hat||^2.
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
+    snr_gamma: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -130,6 +139,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 20
+    lr_schedule: Literal["cosine", "constant"] = "cosine"  # after the linear warm-up
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     checkpoint_every: int = 100
@@ -141,6 +151,7 @@ class TrainConfig:
     cpu: bool = False  # train on CPU processes (gloo) even where GPUs are visible
     sample_every: int = 0  # log a grid of EMA samples of train markup to DVCLive every N steps; 0 = off
     keep_checkpoints: int = 2  # newest complete checkpoints kept; 0 = keep all
+    snapshot_steps: tuple[int, ...] = ()  # also save the EMA model at these steps (models/<d>/snapshots/step_N)
     num_negatives: int = 5
     ss_max_prob: float = 0.8
     cdcd_weight: float = 0.01
@@ -354,6 +365,11 @@ def validate(p: Params) -> None:
     for c in m.block_out_channels:
         if c % m.norm_num_groups:
             raise ConfigError(f"model.block_out_channels: {c} is not divisible by model.norm_num_groups")
+    if p.data.max_depth < 0 or p.data.max_terms < 1:
+        raise ConfigError(
+            f"data.max_depth / data.max_terms: need depth >= 0 and terms >= 1, got {p.data.max_depth} / "
+            f"{p.data.max_terms}"
+        )
     t = p.train
     for key in ("steps", "batch_size", "grad_accum", "num_processes", "checkpoint_every", "log_every"):
         if getattr(t, key) < 1:
@@ -368,6 +384,8 @@ def validate(p: Params) -> None:
                 f"model.{switch}: only train.objective fsa_cdm trains this part (objective is {t.objective}); "
                 f"set model.{switch}: false or train.objective: fsa_cdm"
             )
+    if p.diffusion.snr_gamma < 0:
+        raise ConfigError(f"diffusion.snr_gamma: must be 0 (off) or more, got {p.diffusion.snr_gamma}")
     if p.evaluate.steps < 1:
         raise ConfigError("evaluate.steps: must be at least 1")
     _validate_hcma(p)

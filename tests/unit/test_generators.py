@@ -119,3 +119,27 @@ def test_molecules_are_valid_smiles() -> None:
     RDLogger.DisableLog("rdApp.*")
     rows = synthetic_splits("molecules", 0, {"train": 50, "val": 0, "test": 0})["train"]
     assert all(Chem.MolFromSmiles(r["markup"]) is not None for r in rows)
+
+
+def test_grammar_keys_make_shorter_shallower_math_and_still_cover_the_basics() -> None:
+    easy = [
+        r["markup"] for r in synthetic_splits("math", 0, {"train": 400}, {"max_depth": 1, "max_terms": 3})["train"]
+    ]
+    full = [r["markup"] for r in synthetic_splits("math", 0, {"train": 400})["train"]]
+    assert statistics.mean(len(m.split()) for m in easy) < 0.8 * statistics.mean(len(m.split()) for m in full)
+    tokens = Counter(t for m in easy for t in m.split())
+    for needed in ("\\frac", "\\sqrt", "_", "^", "=", "+", "-", "\\sin", "\\alpha"):
+        assert any(t == needed or t.startswith(needed) for t in tokens), needed
+    assert any(t.isdigit() for t in tokens) and any(t.isalpha() and len(t) == 1 for t in tokens)
+    # a fraction never holds another one at depth 1: every \frac's braces close before the next \frac opens
+    for m in easy:
+        depth = 0
+        for t in m.split():
+            depth += t.count("{") - t.count("\\{") - t.count("}") + t.count("\\}")
+            assert not (t == "\\frac" and depth != 0), m
+
+
+def test_grammar_keys_are_ignored_by_fixed_grammars() -> None:
+    assert synthetic_splits("tables", 0, {"train": 5}, {"max_depth": 0, "max_terms": 1}) == synthetic_splits(
+        "tables", 0, {"train": 5}
+    )

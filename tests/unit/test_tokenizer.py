@@ -53,3 +53,35 @@ def test_tokenize_corpus_writes_ids_for_every_split(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "tok" / "test.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == ["test0", "test1"]
     assert rows[0]["ids"] == tok.encode(CORPUS[2]).ids
+
+
+def test_word_tokenizer_gives_one_id_per_markup_token():
+    from markup2image.text.tokenizer import train_tokenizer
+
+    tok = train_tokenizer("word", CORPUS, vocab_size=100, min_frequency=1)
+    enc = tok.encode(r"\frac { a } { b }")
+    assert enc.tokens == [BOS, "\\frac", "{", "a", "}", "{", "b", "}", EOS]
+    assert tok.encode(r"\gamma").tokens[1] == "[UNK]"  # a token never seen in training
+
+
+def test_char_tokenizer_splits_every_character_and_knows_unseen_words():
+    from markup2image.text.tokenizer import train_tokenizer
+
+    tok = train_tokenizer("char", CORPUS, vocab_size=100, min_frequency=5)  # chars ignore min_frequency
+    enc = tok.encode(r"\beta _ { q }")
+    assert enc.tokens == [BOS, "\\", "b", "e", "t", "a", "_", "{", "q", "}", EOS]
+    assert "[UNK]" not in enc.tokens  # 'q' appears in \sqrt
+    assert "[UNK]" not in tok.encode(r"\arc").tokens  # a new command, old letters
+    assert tok.encode("n").tokens[1] == "[UNK]"  # a character never seen
+
+
+def test_tokenize_corpus_records_the_kind(tmp_path):
+    from markup2image.io import write_jsonl
+
+    rendered = tmp_path / "r"
+    for split in ("train", "val", "test"):
+        write_jsonl(rendered / f"{split}.jsonl", [{"id": f"{split}{i}", "markup": m} for i, m in enumerate(CORPUS)])
+    report = tokenize_corpus(rendered, tmp_path / "tok", vocab_size=100, min_frequency=1, kind="char")
+    assert report["kind"] == "char"
+    tok = load_tokenizer(tmp_path / "tok")
+    assert tok.encode("ab").tokens == [BOS, "a", "b", EOS]

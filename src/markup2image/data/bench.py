@@ -20,8 +20,9 @@ import time
 from collections import Counter
 
 from markup2image.config import Params
+from markup2image.data.download import grammar_of
 from markup2image.data.generators import synthetic_splits
-from markup2image.data.renderers import get_engine, render_batch
+from markup2image.data.renderers import get_engine, render_batch, resolve_engine
 
 
 def bench_render(domain: str, engine: str | None, num_items: int, params: Params) -> dict:
@@ -29,7 +30,10 @@ def bench_render(domain: str, engine: str | None, num_items: int, params: Params
     cfg = params.domain_config(domain)
     if engine:
         cfg = dataclasses.replace(cfg, engine=engine)
-    items = synthetic_splits(domain, params.data.seed, {"train": num_items, "val": 0, "test": 0})["train"]
+    cfg = resolve_engine(domain, cfg)
+    items = synthetic_splits(domain, params.data.seed, {"train": num_items, "val": 0, "test": 0}, grammar_of(params))[
+        "train"
+    ]
     pairs = [(row["id"], row["markup"]) for row in items]
 
     start = time.perf_counter()

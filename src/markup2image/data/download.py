@@ -44,13 +44,18 @@ def split_sizes(params: Params) -> dict[str, int]:
     return {"train": d.train_size, "val": d.val_size, "test": d.test_size}
 
 
+def grammar_of(params: Params) -> dict[str, int]:
+    """The synthetic generators' difficulty keys (``data.max_depth``, ``data.max_terms``)."""
+    return {"max_depth": params.data.max_depth, "max_terms": params.data.max_terms}
+
+
 def download_corpus(domain: str, params: Params, out_dir: Path) -> dict:
     """Write ``out_dir/{split}.jsonl`` (and ``gold/`` for hub images) for ``domain``; return the counts."""
     out_dir = Path(out_dir)
     source = params.data.source
     gold = 0
     if source == "synthetic":
-        splits = synthetic_splits(domain, params.data.seed, split_sizes(params))
+        splits = synthetic_splits(domain, params.data.seed, split_sizes(params), grammar_of(params))
     elif source == "hub":
         splits, gold = _hub_splits(domain, params, out_dir)
     elif source == "file":

@@ -1,7 +1,9 @@
-"""Markup tokenizers: a BPE trained on the train split with HF ``tokenizers``, or a pretrained one.
+"""Markup tokenizers trained on the train split with HF ``tokenizers`` (``tokenize.kind``), or a pretrained one.
 
-The im2latex-style corpora are already space-separated into markup tokens (``\\frac { a } { b }``), so the BPE
-works on whitespace-split words and merges within them (useful for SMILES and HTML, which are not pre-split).
+* ``bpe``: BPE over whitespace-split words, merging within them (useful for SMILES and HTML, which are not
+  pre-split);
+* ``word``: one id per whitespace token: im2latex's own vocabulary (``\\frac``, ``{``, ``x``), one id per glyph;
+* ``char``: one id per character; never out of vocabulary on ASCII markup, and what generalises over glyphs.
 """
 
 from __future__ import annotations
@@ -9,25 +11,52 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 log = logging.getLogger(__name__)
 
 PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
 SPECIAL_TOKENS = [PAD, UNK, BOS, EOS]
 TOKENIZER_FILE = "tokenizer.json"
+TokenizerKind = Literal["bpe", "word", "char"]
+TOKENIZER_KINDS: tuple[str, ...] = get_args(TokenizerKind)
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
     """Train a BPE over whitespace-split markup; ``[PAD]`` gets id 0."""
-    tok = Tokenizer(models.BPE(unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.BPEDecoder()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS, show_progress=False
-    )
+    return train_tokenizer("bpe", texts, vocab_size, min_frequency)
+
+
+def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    """Train a ``kind`` tokenizer (``bpe``, ``word`` or ``char``) on ``texts``; ``[PAD]`` gets id 0.
+
+    ``vocab_size`` caps every kind; ``min_frequency`` applies to ``bpe`` merges and ``word`` entries (a ``char``
+    vocabulary keeps every character seen once, so hand-written markup meets few unknowns)."""
+    if kind == "bpe":
+        tok = Tokenizer(models.BPE(unk_token=UNK))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tok.decoder = decoders.BPEDecoder()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS, show_progress=False
+        )
+    elif kind in ("word", "char"):
+        tok = Tokenizer(models.WordLevel(unk_token=UNK))
+        split = [pre_tokenizers.WhitespaceSplit()]
+        if kind == "char":
+            split.append(pre_tokenizers.Split(Regex("."), behavior="isolated"))
+        tok.pre_tokenizer = pre_tokenizers.Sequence(split)
+        tok.decoder = decoders.WordPiece(prefix="", cleanup=False)  # joins with spaces
+        trainer = trainers.WordLevelTrainer(
+            vocab_size=vocab_size,
+            min_frequency=1 if kind == "char" else min_frequency,
+            special_tokens=SPECIAL_TOKENS,
+            show_progress=False,
+        )
+    else:
+        raise ValueError(f"tokenize.kind: {kind!r} is not one of {list(TOKENIZER_KINDS)}")
     tok.train_from_iterator(list(texts), trainer=trainer)
     # [BOS] ... [EOS] around every item: the attention mask is never empty, even for empty markup.
     tok.post_processor = processors.TemplateProcessing(
@@ -76,9 +105,15 @@ def encode_batch(tok: Tokenizer, texts: Sequence[str], max_length: int) -> tuple
 
 
 def tokenize_corpus(
-    rendered_dir: str | Path, out_dir: str | Path, vocab_size: int, min_frequency: int, pretrained: str = ""
+    rendered_dir: str | Path,
+    out_dir: str | Path,
+    vocab_size: int,
+    min_frequency: int,
+    pretrained: str = "",
+    kind: str = "bpe",
 ) -> dict:
-    """The tokenize stage: train BPE on the rendered train split (or load ``pretrained``), write ids for all splits.
+    """The tokenize stage: train a ``kind`` tokenizer on the rendered train split (or load ``pretrained``), write
+    ids for all splits.
 
     Writes ``out_dir/tokenizer.json`` and ``out_dir/<split>.jsonl`` rows ``{"id", "ids"}``. Returns counts and
     the vocabulary size.
@@ -92,7 +127,7 @@ def tokenize_corpus(
     else:
         if not splits["train"]:
             raise ValueError(f"{rendered_dir}/train.jsonl: no rendered training markup to train the tokenizer on")
-        tok = train_bpe((r["markup"] for r in splits["train"]), vocab_size, min_frequency)
+        tok = train_tokenizer(kind, (r["markup"] for r in splits["train"]), vocab_size, min_frequency)
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_open(out_dir / TOKENIZER_FILE) as fh:
         fh.write(tok.to_str())
@@ -104,6 +139,7 @@ def tokenize_corpus(
         )
     lengths = [len(e) for s in splits.values() for e in tok.encode_batch([r["markup"] for r in s])] or [0]
     report = {
+        "kind": "pretrained" if pretrained else kind,
         "vocab_size": tok.get_vocab_size(),
         "counts": counts,
         "max_tokens": max(lengths),

@@ -56,9 +56,23 @@ def _split_rng(domain: str, seed: int, split: str) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
-def synthetic_splits(domain: str, seed: int, sizes: dict[str, int]) -> dict[str, list[dict[str, str]]]:
-    """Generate ``{split: [{"id", "markup"}, ...]}`` with ``sizes[split]`` distinct items per split."""
-    generate = get_generator(domain)
+# Domains whose grammar takes the difficulty keys data.max_depth / data.max_terms.
+GRAMMAR_KEYS: frozenset[str] = frozenset({"math"})
+
+
+def synthetic_splits(
+    domain: str, seed: int, sizes: dict[str, int], grammar: dict[str, int] | None = None
+) -> dict[str, list[dict[str, str]]]:
+    """Generate ``{split: [{"id", "markup"}, ...]}`` with ``sizes[split]`` distinct items per split.
+
+    ``grammar``: difficulty keywords (``max_depth``, ``max_terms``) for the domains in :data:`GRAMMAR_KEYS`;
+    the other generators have a fixed grammar and ignore them."""
+    base = get_generator(domain)
+    kwargs = dict(grammar or {}) if domain in GRAMMAR_KEYS else {}
+
+    def generate(rng: random.Random) -> str:
+        return base(rng, **kwargs)
+
     seen: set[str] = set()
     ids: set[str] = set()
     out: dict[str, list[dict[str, str]]] = {}

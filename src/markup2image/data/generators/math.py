@@ -142,6 +142,6 @@ class MathFormulaGenerator:
         return " ".join(tokens)
 
 
-def generate_math(rng: random.Random) -> str:
-    """One synthetic im2latex-style formula drawn with ``rng``."""
-    return MathFormulaGenerator(rng).formula()
+def generate_math(rng: random.Random, max_depth: int = 2, max_terms: int = 5) -> str:
+    """One synthetic im2latex-style formula drawn with ``rng`` (``data.max_depth``, ``data.max_terms``)."""
+    return MathFormulaGenerator(rng, max_depth=max_depth, max_terms=max_terms).formula()
