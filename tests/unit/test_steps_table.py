@@ -33,7 +33,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     model_dir, rendered = root / "model", root / "rendered"
     tok = train_bpe(MARKUP * 4, vocab_size=40, min_frequency=1)
     torch.manual_seed(0)
-    model = MarkupToImageModel(model_cfg=TINY, image=IMAGE, vocab_size=tok.get_vocab_size())
+    model = MarkupToImageModel(model_cfg=TINY, image=IMAGE, vocab_size=tok.get_vocab_size(), diffusion=DIFFUSION)
     model.save(model_dir, extra={"params": {"diffusion": dataclasses.asdict(DIFFUSION)}})
     (model_dir / TOKENIZER_FILE).write_text(tok.to_str())
     rng = np.random.default_rng(0)

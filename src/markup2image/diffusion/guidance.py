@@ -20,7 +20,6 @@ numpy-seeded noise. With both scales 0 it returns exactly what ``sample_images``
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -180,7 +179,6 @@ def sample_with_layout(
     model's training params. Raises ``ValueError`` naming the file or key on bad input (a box outside the image,
     a segment outside the markup, no box naming any segment).
     """
-    from markup2image.config import _check_type
     from markup2image.data.layouts import draw_boxes, read_layout_file
     from markup2image.io import save_png
     from markup2image.models.hcma import layout_batch, load_hcma
@@ -200,8 +198,7 @@ def sample_with_layout(
     hcma = hcma.to(device)
     g = hcma.cfg.guidance_global if guidance_global is None else guidance_global
     lo = hcma.cfg.guidance_local if guidance_local is None else guidance_local
-    saved = json.loads((model_dir / MODEL_CONFIG).read_text()).get("params", {})
-    diffusion = _check_type(saved.get("diffusion", {}), DiffusionConfig, "diffusion")
+    diffusion = model.diffusion
     tok = load_tokenizer(model_dir)
     ids, mask = encode_batch(tok, [markup], model.model_cfg.max_text_length)
     boxes = read_layout_file(layout_path) if layout_path is not None else []

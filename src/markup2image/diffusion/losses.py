@@ -12,6 +12,28 @@ import torch
 import torch.nn.functional as F
 
 
+def prediction_loss_weights(alpha_bar: torch.Tensor, prediction_type: str, snr_gamma: float = 0.0) -> torch.Tensor:
+    """Per-item weights ``[B]`` on ``||eps - eps_hat||^2`` that train a parameterisation in its own space.
+
+    With ``SNR = ab / (1 - ab)``: ``||y0 - y0_hat||^2 = ||eps - eps_hat||^2 / SNR`` and
+    ``||v - v_hat||^2 = ||eps - eps_hat||^2 (1 + SNR) / SNR``, so ``epsilon`` has weight 1, ``sample`` ``1 / SNR``
+    and ``v_prediction`` ``(1 + SNR) / SNR``. ``snr_gamma > 0``: min-SNR-gamma (Hang et al. 2023, eq. 6),
+    ``min(SNR, gamma) ||y0 - y0_hat||^2``, i.e. weight ``min(SNR, gamma) / SNR`` whatever the parameterisation.
+    ``alpha_bar``: ``[B]``.
+    """
+    ab = alpha_bar.float()
+    snr = ab / (1.0 - ab)
+    if snr_gamma > 0:
+        return snr.clamp(max=snr_gamma) / snr
+    if prediction_type == "epsilon":
+        return torch.ones_like(ab)
+    if prediction_type == "sample":
+        return 1.0 / snr
+    if prediction_type == "v_prediction":
+        return (1.0 + snr) / snr
+    raise ValueError(f"diffusion.prediction_type: unknown {prediction_type!r}")
+
+
 def simple_loss(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """``L_simple = ||eps - eps_theta||^2`` averaged over pixels: ``[B, C, H, W]`` -> ``[B]``."""
     return F.mse_loss(eps_pred.float(), eps.float(), reduction="none").flatten(1).mean(1)

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from markup2image.config import DiffusionConfig, Params
-from markup2image.diffusion.losses import info_nce_loss, negative_elbo_penalty, simple_loss
+from markup2image.diffusion.losses import info_nce_loss, negative_elbo_penalty, prediction_loss_weights, simple_loss
 from markup2image.diffusion.sampling import scheduler_config
 from markup2image.models.hcma import HcmaBatch
 from markup2image.models.model import DenoiserOutput
@@ -139,6 +139,18 @@ def _rand(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Te
     return torch.rand(shape, generator=generator)
 
 
+def weighted_simple_loss(
+    eps_pred: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, sched: DDPMScheduler, params: Params
+) -> torch.Tensor:
+    """``[B]`` denoising loss in the space of ``diffusion.prediction_type`` (or min-SNR-weighted): ``L_simple``
+    times :func:`~markup2image.diffusion.losses.prediction_loss_weights` (1 for ``epsilon``, the DDPM loss)."""
+    d = params.diffusion
+    if d.prediction_type == "epsilon" and d.snr_gamma == 0:
+        return simple_loss(eps_pred, eps)
+    ab = sched.alphas_cumprod.to(t.device)[t]
+    return simple_loss(eps_pred, eps) * prediction_loss_weights(ab, d.prediction_type, d.snr_gamma)
+
+
 # -- ddpm -------------------------------------------------------------------------------------------------------
 
 
@@ -150,7 +162,7 @@ def ddpm_loss(
     terms: dict = {}
     out = model(y_t, batch.timesteps, batch.input_ids, batch.attention_mask, **_hcma_kwargs(batch))
     eps_pred, hcma = _eps_and_hcma(out, terms)
-    per_item = simple_loss(eps_pred, batch.noise)
+    per_item = weighted_simple_loss(eps_pred, batch.noise, batch.timesteps, sched, params)
     loss = per_item.mean()
     return _plus(loss, hcma), terms | {"loss_simple": loss.item(), "per_item": per_item.detach()}
 
@@ -204,7 +216,7 @@ def ss_dm_loss(
     terms: dict = {}
     out = model(y_t, batch.timesteps, batch.input_ids, batch.attention_mask, **_hcma_kwargs(batch))
     eps_pred, hcma = _eps_and_hcma(out, terms)
-    per_item = simple_loss(eps_pred, target)
+    per_item = weighted_simple_loss(eps_pred, target, batch.timesteps, sched, params)
     loss = per_item.mean()
     terms |= {"loss_simple": loss.item(), "ss_m": float(m), "ss_prob": prob, "per_item": per_item.detach()}
     return _plus(loss, hcma), terms
@@ -296,8 +308,8 @@ def cdcd_loss(
         **_hcma_kwargs(batch),
     )
     eps_pred, hcma = _eps_and_hcma(out, terms)
-    losses = simple_loss(eps_pred, torch.cat([batch.noise, eps_neg]))
-    per_item, neg = losses[:b], losses[b:].view(b, k)
+    per_item = weighted_simple_loss(eps_pred[:b], batch.noise, batch.timesteps, sched, params)
+    neg = simple_loss(eps_pred[b:], eps_neg).view(b, k)
     w = valid.to(neg.dtype)
     neg_mean = ((neg * w).sum(1) / w.sum(1).clamp(min=1)).mean()
     loss = per_item.mean() - params.train.cdcd_weight * neg_mean
@@ -331,7 +343,7 @@ def fsa_cdm_loss(
             y_t, batch.timesteps, batch.input_ids, batch.attention_mask, align_images=align, **_hcma_kwargs(batch)
         )
         eps_pred, hcma = _eps_and_hcma(out, terms)
-        per_item = simple_loss(eps_pred, batch.noise)
+        per_item = weighted_simple_loss(eps_pred, batch.noise, batch.timesteps, sched, params)
         loss = per_item.mean()
     else:
         k = params.train.num_negatives
@@ -351,8 +363,10 @@ def fsa_cdm_loss(
             **_hcma_kwargs(batch),
         )
         _, hcma = _eps_and_hcma(out, terms)
-        losses = simple_loss(out.sample, torch.cat([batch.noise, eps_pos, eps_neg]))
-        per_item, pos_simple, neg_simple = losses[:b], losses[b : 2 * b], losses[2 * b :].view(b, k)
+        two = torch.cat([batch.timesteps, batch.timesteps])
+        views = weighted_simple_loss(out.sample[: 2 * b], torch.cat([batch.noise, eps_pos]), two, sched, params)
+        per_item, pos_simple = views[:b], views[b:]
+        neg_simple = simple_loss(out.sample[2 * b :], eps_neg).view(b, k)  # EUBO: the plain L_simple of eq. 10
         z = out.mid_projection
         penalty = negative_elbo_penalty(neg_simple, valid)
         nce = info_nce_loss(z[:b], z[b : 2 * b], z[2 * b :].view(b, k, -1), params.tau, valid)

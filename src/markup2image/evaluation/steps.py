@@ -13,7 +13,6 @@ and named in ``skipped``.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -28,22 +27,12 @@ from markup2image.diffusion.sampling import SAMPLERS, check_steps
 from markup2image.evaluation.evaluate import device_name, guidance_scales, sample_items, select_test_items
 from markup2image.evaluation.score import score_arrays
 from markup2image.io import load_image, read_jsonl
-from markup2image.models.model import MODEL_CONFIG, load_model
+from markup2image.models.model import load_model, trained_diffusion
 from markup2image.text.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 TABLE_METRICS = ("dtw", "dtw_ti", "rmse", "ssim")
-
-
-def model_diffusion(model_dir: Path, params: Params) -> DiffusionConfig:
-    """The noise schedule the model was trained with (saved in its ``model_config.json``), else ``params``'."""
-    from markup2image.config import _check_type
-
-    saved = json.loads((model_dir / MODEL_CONFIG).read_text()).get("params", {})
-    if "diffusion" not in saved:
-        return params.diffusion
-    return _check_type(saved["diffusion"], DiffusionConfig, "model_config.params.diffusion")
 
 
 def step_grid(
@@ -81,7 +70,7 @@ def bench_steps(
     """
     params = params or Params()
     model_dir, rendered_dir = Path(model_dir), Path(rendered_dir)
-    diffusion = model_diffusion(model_dir, params)
+    diffusion = trained_diffusion(model_dir)
     runs, skipped = step_grid(samplers, steps, diffusion)
     if not runs:
         raise ValueError(f"no (sampler, steps) pair to run: {[s['reason'] for s in skipped]}")

@@ -128,9 +128,10 @@ def export_ready_unet(unet: nn.Module) -> nn.Module:
 class UNetForExport(nn.Module):
     """``unet.onnx``'s signature around a diffusers ``UNet2DConditionModel``."""
 
-    def __init__(self, unet: nn.Module) -> None:
+    def __init__(self, unet: nn.Module, to_epsilon: nn.Module | None = None) -> None:
         super().__init__()
         self.unet = export_ready_unet(unet)
+        self.to_epsilon = to_epsilon  # a v / y0-predicting U-Net: its output becomes eps inside the graph
 
     def forward(
         self,
@@ -141,9 +142,8 @@ class UNetForExport(nn.Module):
     ) -> torch.Tensor:
         """``[B, C, H, W]``, ``[B]`` int64, ``[B, N, D]``, 0/1 ``[B, N]`` -> ``noise_pred [B, C, H, W]``."""
         mask = encoder_attention_mask.to(sample.dtype)  # the U-Net makes it the bias (1 - m) * -1e4, [B, 1, N]
-        return self.unet(
-            sample, timestep, encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=mask
-        ).sample
+        out = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=mask)
+        return out.sample if self.to_epsilon is None else self.to_epsilon(out.sample, sample, timestep)
 
 
 class EncoderForExport(nn.Module):
@@ -334,7 +334,12 @@ def export_graphs(model: nn.Module, out_dir: Path, params: Params) -> dict[str, 
         **common,
     )
     unet = export_onnx(
-        UNetForExport(model.unet), unet_in, out_dir / UNET_FILE, output_names=UNET_OUTPUTS, dynamic=unet_axes, **common
+        UNetForExport(model.unet, model.to_epsilon),
+        unet_in,
+        out_dir / UNET_FILE,
+        output_names=UNET_OUTPUTS,
+        dynamic=unet_axes,
+        **common,
     )
     enc_out = {"hidden": {"shape": ["batch", "text_len", int(hidden.shape[-1])], "dtype": "float32"}}
     unet_out = {"noise_pred": {"shape": ["batch", *image_shape], "dtype": "float32"}}

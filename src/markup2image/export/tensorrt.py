@@ -87,7 +87,7 @@ def export_fp16_unet(model: nn.Module, out_dir: Path, params: Params, device: st
 
     g = torch.Generator().manual_seed(0)
     img = model.image
-    module = HalfUNetForExport(UNetForExport(model.unet)).to(device)
+    module = HalfUNetForExport(UNetForExport(model.unet, model.to_epsilon)).to(device)
     inputs = unet_inputs(
         2,
         5,

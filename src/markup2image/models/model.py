@@ -28,11 +28,12 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from markup2image.config import DomainConfig, HcmaConfig, ModelConfig
+from markup2image.config import DiffusionConfig, DomainConfig, HcmaConfig, ModelConfig
 from markup2image.io import atomic_open
 from markup2image.models.encoder import PretrainedMarkupEncoder, TransformerMarkupEncoder
 from markup2image.models.fsa import FineGrainedSequenceAlignment
 from markup2image.models.hcma import HcmaBatch, HcmaModule, build_hcma, hcma_loss
+from markup2image.models.parameterization import EpsilonFromPrediction
 from markup2image.models.unet_parts import build_unet
 
 __all__ = [
@@ -40,8 +41,10 @@ __all__ = [
     "MarkupToImageModel",
     "build_encoder",
     "build_unet",
+    "diffusion_of",
     "load_model",
     "model_from_config",
+    "trained_diffusion",
     "unwrap_model",
 ]
 
@@ -118,6 +121,8 @@ class MarkupToImageModel(nn.Module):
         load_pretrained: False builds a pretrained encoder from its config without weights (parameter counts).
         hcma: the ``hcma`` params section; an HCMA module is built only when one of its weights is > 0 (and after
             every other part, so the others initialise exactly as without it).
+        diffusion: the ``diffusion`` section; with ``prediction_type`` ``v_prediction`` or ``sample`` the U-Net
+            predicts that and :meth:`denoise` turns it into ``eps`` (no parameters; None = ``epsilon``).
     """
 
     def __init__(
@@ -129,6 +134,7 @@ class MarkupToImageModel(nn.Module):
         pad_id: int = 0,
         load_pretrained: bool = True,
         hcma: HcmaConfig | None = None,
+        diffusion: DiffusionConfig | None = None,
     ) -> None:
         super().__init__()
         self.model_cfg = model_cfg
@@ -143,6 +149,9 @@ class MarkupToImageModel(nn.Module):
         self.hcma: HcmaModule | None = (
             build_hcma(hcma, image=image, text_dim=model_cfg.encoder_dim) if hcma is not None else None
         )
+        self.diffusion = diffusion or DiffusionConfig()
+        native = self.diffusion.prediction_type != "epsilon"
+        self.to_epsilon = EpsilonFromPrediction(self.diffusion) if native else None
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``[B, N]`` ids and mask -> markup features ``t [B, N, D]``."""
@@ -152,7 +161,8 @@ class MarkupToImageModel(nn.Module):
         self, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
         """``sample [B, C, H, W]``, ``timestep [B]``, ``hidden [B, N, D]``, mask ``[B, N]`` -> ``eps [B, C, H, W]``."""
-        return self.unet(sample, timestep, encoder_hidden_states=hidden, encoder_attention_mask=attention_mask).sample
+        out = self.unet(sample, timestep, encoder_hidden_states=hidden, encoder_attention_mask=attention_mask).sample
+        return out if self.to_epsilon is None else self.to_epsilon(out, sample, timestep)
 
     def forward(
         self,
@@ -227,6 +237,7 @@ class MarkupToImageModel(nn.Module):
             "image": dataclasses.asdict(self.image),
             "vocab_size": self.vocab_size,
             "pad_id": self.pad_id,
+            "diffusion": dataclasses.asdict(self.diffusion),
         }
         if self.hcma is not None:
             cfg["hcma_module"] = self.hcma.config_dict()
@@ -256,8 +267,30 @@ def model_from_config(cfg: dict[str, Any]) -> MarkupToImageModel:
     if cfg.get("hcma_module"):
         hcma = _check_type(cfg["hcma_module"]["hcma"], HcmaConfig, "model_config.hcma_module.hcma")
     return MarkupToImageModel(
-        model_cfg=model_cfg, image=image, vocab_size=cfg["vocab_size"], pad_id=cfg["pad_id"], hcma=hcma
+        model_cfg=model_cfg,
+        image=image,
+        vocab_size=cfg["vocab_size"],
+        pad_id=cfg["pad_id"],
+        hcma=hcma,
+        diffusion=diffusion_of(cfg),
     )
+
+
+def diffusion_of(cfg: dict[str, Any]) -> DiffusionConfig:
+    """The diffusion config (schedule, parameterisation) of a ``model_config.json`` dict: its own ``diffusion``
+    entry, else (folders written before it existed) the saved params', else the defaults."""
+    from markup2image.config import _check_type
+
+    saved = cfg.get("diffusion") or cfg.get("params", {}).get("diffusion")
+    return _check_type(saved, DiffusionConfig, "model_config.diffusion") if saved else DiffusionConfig()
+
+
+def trained_diffusion(folder: str | Path) -> DiffusionConfig:
+    """The diffusion config a saved model folder was trained with (:func:`diffusion_of` its config)."""
+    path = Path(folder) / MODEL_CONFIG
+    if not path.exists():
+        raise FileNotFoundError(f"{folder}: no {MODEL_CONFIG}; point --model at a trained model folder")
+    return diffusion_of(json.loads(path.read_text()))
 
 
 def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> MarkupToImageModel:
