@@ -22,6 +22,7 @@ from torchmetrics.functional.image import (
 
 from markup2image.evaluation import metrics as M
 from markup2image.evaluation.bench import bench_metrics, synthetic_pair
+from markup2image.evaluation.image_edit import EDIT_KEYS, PAIR_KEYS
 from markup2image.evaluation.report import save_comparison_grid, save_image_grid
 from markup2image.evaluation.score import score_arrays, score_folders
 from markup2image.io import load_image
@@ -304,10 +305,10 @@ def test_score_folders_schema_missing_and_corrupt(tmp_path: Path, caplog: pytest
         result = score_folders(pred_dir, gold_dir, progress=False)
 
     assert set(result) >= {"summary", "per_image", "blank_baseline", "missing_pred", "missing_gold", "unreadable"}
-    assert set(result["summary"]) == {*M.METRIC_NAMES, "n"}
+    assert set(result["summary"]) == {*M.METRIC_NAMES, *EDIT_KEYS, "n"}
     assert result["summary"]["n"] == 2 and result["blank_baseline"]["n"] == 2
     assert [row["name"] for row in result["per_image"]] == ["a", "b"]
-    assert set(result["per_image"][0]) == {"name", *M.METRIC_NAMES}
+    assert set(result["per_image"][0]) == {"name", *M.METRIC_NAMES, *PAIR_KEYS}
     row_a = result["per_image"][0]
     assert row_a["dtw"] == 0.0 and row_a["ssim"] == pytest.approx(1.0) and row_a["psnr"] == M.PSNR_CAP_DB
     assert result["psnr_capped"] == 1

@@ -24,6 +24,8 @@ from tqdm.auto import tqdm
 from markup2image.config import DiffusionConfig, Params
 from markup2image.diffusion.guidance import guided_sample_images
 from markup2image.diffusion.sampling import to_uint8
+from markup2image.evaluation.image_edit import EDIT_KEYS
+from markup2image.evaluation.markup_use import markup_use_from_arrays
 from markup2image.io import load_image, read_jsonl, save_png, write_json
 from markup2image.models.model import load_model
 from markup2image.text.tokenizer import encode_batch, load_tokenizer
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-METRICS = ("dtw", "dtw_ti", "rmse", "ssim", "psnr", "ergas", "rase")
+METRICS = ("dtw", "dtw_ti", "rmse", "ssim", "psnr", "ergas", "rase", *EDIT_KEYS)
 
 
 def select_test_items(rows: list[dict], num_samples: int, seed: int = 42) -> list[dict]:
@@ -87,6 +89,8 @@ def evaluate(params: Params, domain: str, model_dir: Path, rendered_dir: Path, o
     n_params = sum(p.numel() for p in model.parameters())
     metrics = flat_metrics(scores, n_params=n_params, seconds_per_image=seconds / len(items), n=len(items))
     metrics |= layout_accuracy(preds, golds, [layouts.get(n) for n in names])
+    if len(items) > 1:
+        metrics |= markup_use_from_arrays(model, golds, tok, [r["markup"] for r in items])
     run = {
         "sampler": cfg.sampler,
         "steps": cfg.steps,

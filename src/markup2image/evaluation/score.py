@@ -4,7 +4,8 @@ Both entry points return the same JSON-able schema::
 
     {
       "summary": {"dtw": mean, "dtw_ti": ..., "rmse": ..., "ssim": ..., "psnr": ..., "ergas": ..., "rase": ...,
-                  "n": pairs scored},
+                  "edit_accuracy", "edit_accuracy_nonblank", "exact_match", "exact_match_nonblank": im2markup's
+                  image metrics (evaluation/image_edit.py), "n": pairs scored},
       "per_image": [{"name": ..., "dtw": ..., ...}, ...],
       "blank_baseline": {same metrics: mean over an all-white (255) prediction of each gold's shape, "n": ...},
       "missing_pred": [names with a gold image but no prediction],
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from markup2image.evaluation.image_edit import image_edit_scores, summarize_image_edit
 from markup2image.evaluation.metrics import METRIC_NAMES, PSNR_CAP_DB, score_pair, to_gray
 from markup2image.io import load_image
 
@@ -58,6 +60,7 @@ def _index_folder(folder: Path) -> dict[str, Path]:
 
 def _mean_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
     means: dict[str, Any] = {k: (float(np.mean([r[k] for r in rows])) if rows else None) for k in METRIC_NAMES}
+    means |= summarize_image_edit(rows)
     means["n"] = len(rows)
     return means
 
@@ -78,10 +81,11 @@ def _score_items(items: Iterable[tuple[str, np.ndarray | None, np.ndarray | None
             )
             mismatched.append({"name": name, "pred_shape": list(pred_gray.shape), "gold_shape": list(gold_gray.shape)})
             continue
-        scores = score_pair(pred_gray, gold_gray)
+        scores = score_pair(pred_gray, gold_gray) | image_edit_scores(pred_gray, gold_gray)
         capped += scores["psnr"] == PSNR_CAP_DB
         per_image.append({"name": name, **scores})
-        blank_rows.append(score_pair(np.full_like(gold_gray, 255), gold_gray))
+        blank = np.full_like(gold_gray, 255)
+        blank_rows.append(score_pair(blank, gold_gray) | image_edit_scores(blank, gold_gray))
     if capped:
         logger.info("%d identical pair(s): PSNR capped at %.0f dB before averaging", capped, PSNR_CAP_DB)
     return {
