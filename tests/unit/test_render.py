@@ -216,3 +216,19 @@ def test_watchdog_gives_self_timed_engines_room_to_bisect() -> None:
     # a latex batch of 64 may time out once per halving before the hanging formula is alone
     assert render_mod.watchdog_limit("latex", 60, 64) >= 60 * 7
     assert render_mod.watchdog_limit("mathtext", 60, 64) < 120
+
+
+def test_auto_engine_prefers_latex_and_falls_back_to_mathtext_with_one_line(monkeypatch, caplog) -> None:
+    import shutil
+
+    cfg = DomainConfig(height=32, width=128, engine="auto")
+    real_which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
+    assert renderers.resolve_engine("math", cfg).engine == "latex"
+    monkeypatch.setattr(shutil, "which", lambda name: None if name == "latex" else real_which(name))
+    with caplog.at_level("WARNING"):
+        assert renderers.resolve_engine("math", cfg).engine == "mathtext"
+    lines = [r.getMessage() for r in caplog.records if "engine auto" in r.getMessage()]
+    assert len(lines) == 1 and "latex" in lines[0] and "mathtext" in lines[0]
+    assert renderers.resolve_engine("math", dataclasses.replace(cfg, engine="mathtext")).engine == "mathtext"
+    assert renderers.resolve_engine("molecules", DomainConfig(height=8, width=8, engine="auto")).engine == "rdkit"

@@ -56,6 +56,7 @@ from markup2image.data.renderers import (
     check_engine,
     iter_render_batch,
     place_top_left,
+    resolve_engine,
 )
 from markup2image.io import load_image, read_json, read_jsonl, save_png, write_json, write_jsonl
 
@@ -416,7 +417,7 @@ def render_corpus(domain: str, params: Params, in_dir: Path, out_dir: Path, prog
     Returns the report that is also written to ``out_dir/render_report.json``.
     """
     in_dir, out_dir = Path(in_dir), Path(out_dir)
-    cfg = params.domain_config(domain)
+    cfg = resolve_engine(domain, params.domain_config(domain))
     rcfg = params.render
     try:
         check_engine(domain, cfg)

@@ -8,7 +8,9 @@ run many items per external call). Failures are :class:`RenderError` / :class:`R
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import logging
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -31,6 +33,7 @@ __all__ = [
     "SELF_TIMED_ENGINES",
     "Engine",
     "check_engine",
+    "resolve_engine",
     "RenderError",
     "RenderResult",
     "get_engine",
@@ -55,6 +58,35 @@ ENGINES: dict[str, tuple[str, str, str]] = {
 SELF_TIMED_ENGINES = frozenset({"latex", "lilypond"})
 
 _instances: dict[str, Engine] = {}
+log = logging.getLogger(__name__)
+
+# ``engine: auto``: the first engine of the domain's list whose tools are here. Math prefers TeX Live, the renderer
+# im2latex-100k was made with (and the faster one here, batched); mathtext needs no system package.
+AUTO_ENGINES: dict[str, tuple[str, ...]] = {
+    "math": ("latex", "mathtext"),
+    "tables": ("weasyprint",),
+    "music": ("lilypond",),
+    "molecules": ("rdkit",),
+}
+
+
+def resolve_engine(domain: str, cfg: DomainConfig) -> DomainConfig:
+    """``cfg`` with ``engine: auto`` replaced by the engine that will draw (one logged line on a fallback)."""
+    if cfg.engine != "auto":
+        return cfg
+    choices = AUTO_ENGINES.get(domain, ())
+    for n, name in enumerate(choices):
+        try:
+            check_engine(domain, dataclasses.replace(cfg, engine=name))
+        except RenderError as exc:
+            if n + 1 < len(choices):
+                log.warning(
+                    "domain.%s.engine auto: %s cannot run here (%s); rendering with %s instead",
+                    domain, name, exc.detail, choices[n + 1],
+                )  # fmt: skip
+            continue
+        return dataclasses.replace(cfg, engine=name)
+    return dataclasses.replace(cfg, engine=choices[-1] if choices else cfg.engine)  # its own error names the fix
 
 
 def get_engine(domain: str, engine: str) -> Engine:
