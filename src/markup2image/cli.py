@@ -45,20 +45,44 @@ def _params(path: str):
 def cmd_render(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from markup2image.data.renderers import RenderError, render_markup
+    from markup2image.data.renderers import RenderError, render_batch, render_markup, resolve_engine
     from markup2image.io import save_png
 
     params = _params(args.params)
     cfg = params.domain_config(args.domain)
     if args.engine:
         cfg = dataclasses.replace(cfg, engine=args.engine)
-    try:
-        image = render_markup(args.domain, args.markup, cfg)
-    except RenderError as exc:
-        raise SystemExit(f"error: {args.domain} markup not rendered ({exc.reason}): {exc.detail}") from None
-    save_png(args.out, image)
-    print(f"wrote {args.out} ({image.shape[1]}x{image.shape[0]})")
+    cfg = resolve_engine(args.domain, cfg)
+    if args.markup_file is None:
+        if args.markup is None:
+            raise SystemExit("error: render needs --markup or --markup-file")
+        try:
+            image = render_markup(args.domain, args.markup, cfg)
+        except RenderError as exc:
+            raise SystemExit(f"error: {args.domain} markup not rendered ({exc.reason}): {exc.detail}") from None
+        save_png(args.out, image)
+        print(f"wrote {args.out} ({image.shape[1]}x{image.shape[0]})")
+        return 0
+    rows = _markup_rows(args.markup_file, args.domain)
+    results = render_batch(args.domain, [(r["id"], r["markup"]) for r in rows], cfg, params.render.timeout)
+    rejected = 0
+    for r in results:
+        if r.image is None:
+            rejected += 1
+            print(f"{r.id}: not rendered ({r.reason}): {r.detail}", file=sys.stderr)
+        else:
+            save_png(Path(args.out) / f"{r.id}.png", r.image)
+    print(f"rendered {len(rows) - rejected} of {len(rows)} items into {args.out} ({rejected} rejected)")
     return 0
+
+
+def _markup_rows(path: Path, domain: str) -> list[dict[str, str]]:
+    from markup2image.data.markup_file import read_markup_file
+
+    try:
+        return read_markup_file(path, domain)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -81,8 +105,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
+    from tqdm import tqdm
 
-    from markup2image.config import DiffusionConfig, _check_type
     from markup2image.diffusion.sampling import sample_images, to_uint8
     from markup2image.io import save_png
     from markup2image.models.model import MODEL_CONFIG, load_model
@@ -95,32 +119,44 @@ def cmd_sample(args: argparse.Namespace) -> int:
         return _sample_grounded(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(model_dir, map_location=device).to(device)
-    saved = json.loads((model_dir / MODEL_CONFIG).read_text()).get("params", {})
-    diffusion = _check_type(saved.get("diffusion", {}), DiffusionConfig, "diffusion")
+    saved = json.loads((model_dir / MODEL_CONFIG).read_text())
+    diffusion = model.diffusion
     steps = args.steps or (diffusion.num_train_timesteps if args.sampler == "ddpm" else 50)
-    ids, mask = encode_batch(load_tokenizer(model_dir), args.markup, model.model_cfg.max_text_length)
-    try:
-        images = sample_images(
-            model,
-            torch.from_numpy(ids).to(device),
-            torch.from_numpy(mask).to(device),
-            sampler=args.sampler,
-            steps=steps,
-            seed=args.seed,
-            diffusion=diffusion,
-            progress=True,
-        )
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
-    arr = to_uint8(images)
-    outs = (
-        [Path(args.out)]
-        if len(arr) == 1
-        else [Path(args.out).with_name(f"{Path(args.out).stem}_{i}.png") for i in range(len(arr))]
-    )
-    for out, img in zip(outs, arr):
+    if args.markup_file is not None:
+        rows = _markup_rows(args.markup_file, saved.get("domain") or "math")
+    elif args.markup:
+        rows = [{"id": "", "markup": m} for m in args.markup]
+    else:
+        raise SystemExit("error: sample needs --markup (repeatable) or --markup-file")
+    tok = load_tokenizer(model_dir)
+    size = max(1, args.batch_size)
+    arrays = []
+    for lo in tqdm(range(0, len(rows), size), desc="sample", unit="batch", disable=len(rows) <= size):
+        chunk = [r["markup"] for r in rows[lo : lo + size]]
+        ids, mask = encode_batch(tok, chunk, model.model_cfg.max_text_length)
+        try:
+            images = sample_images(
+                model,
+                torch.from_numpy(ids).to(device),
+                torch.from_numpy(mask).to(device),
+                sampler=args.sampler,
+                steps=steps,
+                seed=args.seed + lo,
+                diffusion=diffusion,
+                progress=len(rows) <= size,
+            )
+        except ValueError as exc:
+            raise SystemExit(f"error: {exc}") from None
+        arrays.extend(to_uint8(images))
+    if args.markup_file is not None:
+        outs = [Path(args.out) / f"{r['id']}.png" for r in rows]
+    elif len(arrays) == 1:
+        outs = [Path(args.out)]
+    else:
+        outs = [Path(args.out).with_name(f"{Path(args.out).stem}_{i}.png") for i in range(len(arrays))]
+    for out, img in zip(outs, arrays):
         save_png(out, img)
-        print(f"wrote {out}")
+    print(f"wrote {outs[0]}" if len(outs) == 1 else f"wrote {len(outs)} images into {outs[0].parent}")
     return 0
 
 
@@ -184,6 +220,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
     elif args.what == "steps":
         return _bench_steps(args, params)
+    elif args.what == "curve":
+        return _bench_curve(args, params)
     elif args.what == "train" and args.processes:
         from markup2image.training.bench import bench_train_processes
 
@@ -203,6 +241,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:  # argparse restricts choices
         raise SystemExit(f"error: unknown benchmark {args.what!r}")
     _emit(result, args.out)
+    return 0
+
+
+def _bench_curve(args: argparse.Namespace, params: Any) -> int:
+    """The learning curve: JSON to ``--out`` with ``.md`` (table) and ``.png`` (plot) beside it."""
+    from markup2image.evaluation.curve import learning_curve, markdown_table, write_curve
+
+    if not args.rendered or not args.tokenized or not args.out:
+        raise SystemExit(
+            "error: bench curve needs --rendered, --tokenized (data/{rendered,tokenized}/<domain>) and --out FILE.json"
+        )
+    domain = args.domain or params.domains[0]
+    work = Path(args.work or args.out.with_name(args.out.stem + "_run"))
+    result = learning_curve(params, domain, args.rendered, args.tokenized, work, multiples=tuple(args.multiples))
+    write_curve(result, args.out)
+    print(markdown_table(result), file=sys.stderr)
+    print(f"wrote {args.out}, {args.out.with_suffix('.md')}, {args.out.with_suffix('.png')}")
     return 0
 
 
@@ -246,9 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("render", help="render one markup item with the domain's real renderer")
+    r = sub.add_parser("render", help="render markup with the domain's real renderer (one item or a file of them)")
     r.add_argument("--domain", required=True, choices=["math", "tables", "music", "molecules"])
-    r.add_argument("--markup", required=True)
+    r.add_argument("--markup")
+    r.add_argument(
+        "--markup-file", type=Path, help="one markup per line, or JSONL with 'id' and 'markup'; --out is a folder"
+    )
     r.add_argument("--out", required=True, type=Path)
     r.add_argument("--engine", help="override the domain's engine (math: mathtext | latex)")
     r.set_defaults(fn=cmd_render)
@@ -261,7 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sm = sub.add_parser("sample", help="generate the image of markup with a trained model")
     sm.add_argument("--model", required=True, type=Path)
-    sm.add_argument("--markup", required=True, action="append", help="repeat for a batch")
+    sm.add_argument("--markup", action="append", help="repeat for a batch")
+    sm.add_argument(
+        "--markup-file", type=Path, help="one markup per line, or JSONL with 'id' and 'markup'; --out is a folder"
+    )
+    sm.add_argument("--batch-size", type=int, default=32, help="items sampled together")
     sm.add_argument("--out", required=True, type=Path)
     sm.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim", "dpm_solver"])
     sm.add_argument("--steps", type=int, default=0, help="default: 1000 for ddpm, 50 otherwise")
@@ -289,11 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
     su.set_defaults(fn=cmd_summary)
 
     b = sub.add_parser("bench", help="benchmarks (JSON out)")
-    b.add_argument("what", choices=["metrics", "render", "sample", "steps", "train"])
+    b.add_argument("what", choices=["metrics", "render", "sample", "steps", "train", "curve"])
     b.add_argument("--domain")
     b.add_argument("--engine")
     b.add_argument("--model", help="bench sample: a trained model or an export folder; steps: a trained model")
-    b.add_argument("--rendered", help="steps: the rendered data of the model's domain (data/rendered/<domain>)")
+    b.add_argument("--rendered", help="steps, curve: the rendered data of the domain (data/rendered/<domain>)")
+    b.add_argument("--tokenized", help="curve: the tokenized data of the domain (data/tokenized/<domain>)")
+    b.add_argument("--multiples", type=int, nargs="+", default=[1, 2, 4, 8], help="curve: budgets x train.steps")
+    b.add_argument("--work", help="curve: folder for the run (checkpoints, snapshots, evaluations)")
     b.add_argument(
         "-n", "--num-samples", dest="n", type=int, default=0, help="items/pairs to time; steps: test items to score"
     )

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from diffusers import DDPMScheduler
-from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
@@ -65,7 +65,7 @@ SAMPLE_ITEMS = 4  # train markups in the sample grid
 SAMPLE_STEPS = 20  # DDIM steps for the sample grid
 # settings that change how often things are written or where processes run, not what a step computes
 _NOT_FINGERPRINTED = ("checkpoint_every", "log_every", "sample_every", "keep_checkpoints", "num_processes", "cpu")
-_NOT_FINGERPRINTED += ("accelerate_config",)
+_NOT_FINGERPRINTED += ("accelerate_config", "snapshot_steps")
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,10 @@ class TrainPaths:
     @property
     def live(self) -> Path:
         return self.out / "live"
+
+    def snapshot(self, step: int) -> Path:
+        """The EMA model folder written at ``step`` (``train.snapshot_steps``)."""
+        return self.out / "snapshots" / f"step_{step:08d}"
 
 
 class BatchIndexer:
@@ -258,7 +262,17 @@ def build_model(params: Params, domain: str, tokenizer_dir: Path) -> MarkupToIma
         vocab_size=tok.get_vocab_size(),
         pad_id=pad_id(tok),
         hcma=params.hcma,
+        diffusion=params.diffusion,
     )
+
+
+def lr_schedule(cfg: TrainConfig, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    """``train.lr_schedule`` after ``train.warmup_steps`` of linear warm-up: ``cosine`` decays to 0 at
+    ``train.steps``; ``constant`` holds ``train.lr``, so a run of N steps is exactly the first N steps of a longer
+    one (what the learning curve reads from one run's checkpoints)."""
+    if cfg.lr_schedule == "constant":
+        return get_constant_schedule_with_warmup(opt, cfg.warmup_steps)
+    return get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps)
 
 
 @dataclass
@@ -311,7 +325,7 @@ def _prepare(params: Params, domain: str, paths: TrainPaths, acc: Accelerator) -
         raise ValueError(f"{paths.rendered}/train.jsonl: no rendered training items; check the render stage report")
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    lr_sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps)
+    lr_sched = lr_schedule(cfg, opt)
     ema = EMAModel(trainable, decay=cfg.ema_decay)
     prepared, opt, lr_sched = acc.prepare(model, opt, lr_sched)
     acc.register_for_checkpointing(ema)
@@ -362,6 +376,7 @@ def train(params: Params, domain: str, paths: TrainPaths, max_steps: int | None 
     )
     terms_acc: dict[str, tuple[float, int]] = {}
     seconds, steps_timed = 0.0, 0
+    started = time.perf_counter()
     for step in bar:
         t0 = time.perf_counter()
         _train_step(run, params, step, terms_acc)
@@ -378,10 +393,12 @@ def train(params: Params, domain: str, paths: TrainPaths, max_steps: int | None 
             _log_sample_grid(live, run, params, done)
         if done % cfg.checkpoint_every == 0 or done == stop:
             save_checkpoint(acc, paths.checkpoints, done, fingerprint, keep=cfg.keep_checkpoints, live=paths.live)
+        if done in cfg.snapshot_steps and acc.is_main_process:
+            save_ema_model(run, params, domain, paths, paths.snapshot(done), done, time.perf_counter() - started)
     acc.wait_for_everyone()
     finished = stop >= cfg.steps
     if acc.is_main_process and finished:
-        _save_final(run, params, domain, paths)
+        save_ema_model(run, params, domain, paths, paths.model, stop, time.perf_counter() - started)
     if os.environ.get(DUMP_RANK_WEIGHTS_ENV):
         dump_rank_weights(run, Path(os.environ[DUMP_RANK_WEIGHTS_ENV]))
     if live is not None:
@@ -606,23 +623,29 @@ def _prune_checkpoints(folder: Path, keep: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def _save_final(run: _Run, params: Params, domain: str, paths: TrainPaths) -> None:
-    """Save the EMA weights (what evaluation and export use) plus the tokenizer into ``paths.model``."""
+def save_ema_model(
+    run: _Run, params: Params, domain: str, paths: TrainPaths, folder: Path, step: int, seconds: float
+) -> None:
+    """Save the EMA weights (what evaluation and export use) plus the tokenizer into ``folder`` (atomically);
+    ``seconds``: wall time of this call's training loop so far (not counting a resumed run's earlier part)."""
     run.ema.store(run.trainable)
     run.ema.copy_to(run.trainable)
-    tmp = paths.model.with_name(".model.tmp")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     extra = {
         "domain": domain,
         "params": to_dict(params),
         "ema": True,
+        "steps_trained": step,
+        "train_seconds": round(seconds, 1),
         "mixed_precision": run.acc.mixed_precision,
         "processes": run.acc.num_processes,
     }
     run.net.save(tmp, extra=extra)
     shutil.copy(paths.tokenized / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
-    shutil.rmtree(paths.model, ignore_errors=True)
-    tmp.rename(paths.model)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
     run.ema.restore(run.trainable)
 
 
