@@ -107,6 +107,7 @@ class ModelConfig:
     pretrained_encoder: str = ""
     max_text_length: int = 128
     position_embeddings: bool = True
+    position_init: Literal["random", "sinusoidal"] = "random"  # starting point of the learned position tables
     fsa: bool = False
     con_aug: bool = False
     ccam: bool = False

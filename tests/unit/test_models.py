@@ -458,3 +458,23 @@ def test_export_processor_matches_the_stock_diffusers_one(cross):
     want = AttnProcessor2_0()(attn, x, context, attention_mask=bias)
     got = MaskBiasAttnProcessor()(attn, x, context, attention_mask=bias)
     assert got.shape == x.shape and torch.allclose(got, want, atol=1e-6)
+
+
+def test_sinusoidal_position_init_sets_every_table_and_keeps_them_trainable():
+    from markup2image.models.position import ImagePositionEmbedding, TextPositionEmbedding, sinusoid_table
+
+    cfg = dataclasses.replace(TINY, position_init="sinusoidal")
+    model = MarkupToImageModel(model_cfg=cfg, image=IMAGE, vocab_size=30)
+    tables = [m for m in model.unet.modules() if isinstance(m, (ImagePositionEmbedding, TextPositionEmbedding))]
+    assert any(isinstance(t, TextPositionEmbedding) for t in tables) and any(
+        isinstance(t, ImagePositionEmbedding) for t in tables
+    )
+    for t in tables:
+        if isinstance(t, TextPositionEmbedding):
+            assert torch.equal(t.weight.detach(), sinusoid_table(*t.weight.shape)) and t.weight.requires_grad
+        else:
+            c = t.row.shape[1]
+            assert torch.equal(t.row[:, : c // 2].detach(), sinusoid_table(t.height, c // 2))
+            assert t.row[:, c // 2 :].abs().sum() == 0 and t.col[:, : c // 2].abs().sum() == 0
+    plain = MarkupToImageModel(model_cfg=TINY, image=IMAGE, vocab_size=30)
+    assert max(float(t.weight.abs().max()) for t in plain.modules() if isinstance(t, TextPositionEmbedding)) < 0.2

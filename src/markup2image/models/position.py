@@ -20,6 +20,7 @@ graphs compute K/V on every call.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import torch
@@ -107,6 +108,33 @@ class TextPositionEmbedding(nn.Module):
                 "raise model.max_text_length or truncate at tokenize.max_length"
             )
         return t + self.weight[: t.shape[1]].to(t.dtype)
+
+
+def sinusoid_table(length: int, dim: int) -> torch.Tensor:
+    """``[length, dim]`` sin/cos position table (Vaswani et al. 2017, sec. 3.5), frequencies 1 .. 1/10000."""
+    pos = torch.arange(length, dtype=torch.float32)[:, None]
+    freq = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, dtype=torch.float32) / max(dim, 1))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq)[:, : dim // 2]
+    return table
+
+
+@torch.no_grad()
+def sinusoidal_init_(module: nn.Module) -> None:
+    """Set every learned position table inside ``module`` to a sinusoid (``model.position_init: sinusoidal``).
+
+    Image tables: rows on the first half of the channels, columns on the second (the 2-D sin/cos of ViT/MAE);
+    text tables: 1-D. They stay trainable; only their starting point changes (from ``N(0, 0.02^2)``)."""
+    for m in module.modules():
+        if isinstance(m, ImagePositionEmbedding):
+            c = m.row.shape[1]
+            m.row.zero_()
+            m.col.zero_()
+            m.row[:, : c // 2] = sinusoid_table(m.height, c // 2)
+            m.col[:, c // 2 :] = sinusoid_table(m.width, c - c // 2)
+        elif isinstance(m, TextPositionEmbedding):
+            m.weight.copy_(sinusoid_table(*m.weight.shape))
 
 
 class TextCacheSlot:

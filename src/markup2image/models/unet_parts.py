@@ -19,7 +19,7 @@ from diffusers.models.attention import BasicTransformerBlock
 
 from markup2image.config import DomainConfig, ModelConfig
 from markup2image.models.ccam import ContextAwareCrossAttention
-from markup2image.models.position import PositionalAttnProcessor
+from markup2image.models.position import PositionalAttnProcessor, sinusoidal_init_
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,8 @@ def install_attention_processors(unet: UNet2DConditionModel, cfg: ModelConfig, i
         else:
             proc = PositionalAttnProcessor(channels=site.channels, text_dim=cfg.encoder_dim, **pos, **text)
         site.block.attn2.set_processor(proc)
+    if cfg.position_init == "sinusoidal":
+        sinusoidal_init_(unet)
 
 
 def build_unet(cfg: ModelConfig, image: DomainConfig) -> UNet2DConditionModel:
