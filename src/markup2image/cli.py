@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", help="bench sample: a trained model or an export folder; steps: a trained model")
     b.add_argument("--rendered", help="steps, curve: the rendered data of the domain (data/rendered/<domain>)")
     b.add_argument("--tokenized", help="curve: the tokenized data of the domain (data/tokenized/<domain>)")
-    b.add_argument("--multiples", type=int, nargs="+", default=[1, 2, 4, 8], help="curve: budgets x train.steps")
+    b.add_argument("--multiples", type=float, nargs="+", default=[1, 2, 4, 8], help="curve: budgets x train.steps")
     b.add_argument("--work", help="curve: folder for the run (checkpoints, snapshots, evaluations)")
     b.add_argument(
         "-n", "--num-samples", dest="n", type=int, default=0, help="items/pairs to time; steps: test items to score"

@@ -143,6 +143,7 @@ class TrainConfig:
     lr_schedule: Literal["cosine", "constant"] = "cosine"  # after the linear warm-up
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    ema_warmup: bool = False  # EMA decay 1 - (1 + step)^(-2/3), capped at ema_decay
     checkpoint_every: int = 100
     log_every: int = 10
     seed: int = 0

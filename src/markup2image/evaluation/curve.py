@@ -36,17 +36,17 @@ CURVE_KEYS = ("dtw", "blank_dtw", "dtw_ti", "ssim", "markup_use", "edit_accuracy
 CURVE_KEYS += ("exact_match",)
 
 
-def curve_params(params: Params, multiples: Sequence[int]) -> Params:
+def curve_params(params: Params, multiples: Sequence[float]) -> Params:
     """``params`` trained to ``max(multiples) x train.steps`` with a snapshot at every multiple."""
     if params.train.lr_schedule != "constant":
         raise ConfigError(
             "train.lr_schedule: the learning curve reads budgets off one run, which needs a constant schedule "
             "(a cosine schedule depends on train.steps); run it with -S train.lr_schedule=constant"
         )
-    if not multiples or min(multiples) < 1:
-        raise ValueError(f"multiples: need whole numbers >= 1, got {list(multiples)}")
     base = params.train.steps
-    steps = tuple(sorted({m * base for m in multiples}))
+    if not multiples or min(multiples) * base < 1:
+        raise ValueError(f"multiples: need positive budgets of at least one step, got {list(multiples)}")
+    steps = tuple(sorted({max(1, round(m * base)) for m in multiples}))
     return dataclasses.replace(params, train=dataclasses.replace(params.train, steps=steps[-1], snapshot_steps=steps))
 
 
@@ -69,7 +69,7 @@ def learning_curve(
     rendered: Path,
     tokenized: Path,
     work: Path,
-    multiples: Sequence[int] = (1, 2, 4, 8),
+    multiples: Sequence[float] = (1, 2, 4, 8),
     script: str = TRAIN_SCRIPT,
 ) -> dict[str, Any]:
     """Train once to the largest budget (resuming where ``work`` holds checkpoints), evaluate every snapshot."""
@@ -82,7 +82,7 @@ def learning_curve(
         metrics = evaluate(p, domain, folder, Path(rendered), Path(work) / "eval" / folder.name)
         rows.append(
             {
-                "multiple": step // params.train.steps,
+                "multiple": round(step / params.train.steps, 3),
                 "steps": step,
                 "train_minutes": round(saved.get("train_seconds", float("nan")) / 60, 2),
                 **{k: metrics.get(k) for k in CURVE_KEYS},
@@ -99,8 +99,8 @@ def markdown_table(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         ratio = r["dtw"] / r["blank_dtw"] if r["blank_dtw"] else float("nan")
         lines.append(
-            f"| {r['multiple']}x | {r['steps']} | {r['train_minutes']:.1f} | {r['dtw']:.2f} | {r['blank_dtw']:.2f} | "
-            f"{ratio:.3f} | {r['dtw_ti']:.2f} | {r['ssim']:.3f} | {r['markup_use']:.2f} | "
+            f"| {r['multiple']:g}x | {r['steps']} | {r['train_minutes']:.1f} | {r['dtw']:.2f} | "
+            f"{r['blank_dtw']:.2f} | {ratio:.3f} | {r['dtw_ti']:.2f} | {r['ssim']:.3f} | {r['markup_use']:.2f} | "
             f"{r['edit_accuracy']:.3f} | {r['edit_accuracy_nonblank']:.3f} | {r['exact_match']:.3f} |"
         )
     return "\n".join(lines) + "\n"
@@ -129,7 +129,8 @@ def plot_curve(result: dict[str, Any], out_png: Path) -> None:
     axes[2].legend()
     for ax in axes:
         ax.set_xlabel("training minutes")
-    fig.suptitle(f"{result['domain']}: learning curve ({', '.join(str(r['multiple']) + 'x' for r in rows)})")
+    budgets = ", ".join(f"{r['multiple']:g}x" for r in rows)
+    fig.suptitle(f"{result['domain']}: learning curve ({budgets} the default's steps)")
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=110)

@@ -326,7 +326,9 @@ def _prepare(params: Params, domain: str, paths: TrainPaths, acc: Accelerator) -
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_sched = lr_schedule(cfg, opt)
-    ema = EMAModel(trainable, decay=cfg.ema_decay)
+    # ema_warmup: decay 1 - (1 + step)^(-2/3) capped at ema_decay (diffusers' warm-up), so a short run's EMA is not
+    # dominated by its first, untrained steps
+    ema = EMAModel(trainable, decay=cfg.ema_decay, use_ema_warmup=cfg.ema_warmup, inv_gamma=1.0, power=2 / 3)
     prepared, opt, lr_sched = acc.prepare(model, opt, lr_sched)
     acc.register_for_checkpointing(ema)
     net = acc.unwrap_model(prepared)
