@@ -138,3 +138,46 @@ def test_sample_with_a_missing_layout_file_fails_in_one_line(hcma_model, tmp_pat
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "missing.json: no such layout file" in lines[0]
+
+
+def test_render_and_sample_a_markup_file_then_score_the_pairs(tmp_path):
+    import dataclasses
+
+    import torch
+    from tiny_models import TINY_MODEL
+
+    from markup2image.config import DomainConfig
+    from markup2image.models.model import MarkupToImageModel
+    from markup2image.text.tokenizer import TOKENIZER_FILE, train_tokenizer
+
+    markups = ["x + y", "\\frac { a } { b }", "a ^ { 2 }"]
+    f = tmp_path / "mine.txt"
+    f.write_text("\n".join(markups) + "\n\\frac {\n" + '{"id": "named", "markup": "y = 1"}\n')
+    gold = tmp_path / "gold"
+    assert (
+        main(["render", "--domain", "math", "--engine", "mathtext", "--markup-file", str(f), "--out", str(gold)]) == 0
+    )
+    assert len(list(gold.glob("*.png"))) == 4 and (gold / "named.png").exists()  # the broken line is reported
+
+    image = DomainConfig(height=64, width=320, channels=1)
+    tok = train_tokenizer("char", markups * 3, vocab_size=60)
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(TINY_MODEL, block_out_channels=(8, 16), cross_attention_levels=(False, True))
+    model_dir = tmp_path / "model"
+    MarkupToImageModel(model_cfg=cfg, image=image, vocab_size=tok.get_vocab_size()).save(
+        model_dir, extra={"domain": "math"}
+    )
+    (model_dir / TOKENIZER_FILE).write_text(tok.to_str())
+    pred = tmp_path / "pred"
+    args = ["sample", "--model", str(model_dir), "--markup-file", str(f), "--out", str(pred), "--steps", "2"]
+    assert main([*args, "--batch-size", "2"]) == 0
+    assert (
+        sorted(p.name for p in pred.glob("*.png"))
+        == sorted(p.name for p in gold.glob("*.png"))
+        + [sorted(set(p.name for p in pred.glob("*.png")) - set(p.name for p in gold.glob("*.png")))[0]]
+        or len(list(pred.glob("*.png"))) == 5
+    )  # every line sampled, the unrenderable one too
+    out = tmp_path / "s.json"
+    assert main(["score", "--pred", str(pred), "--gold", str(gold), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["summary"]["n"] == 4 and result["missing_gold"] and "edit_accuracy" in result["summary"]
