@@ -110,7 +110,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from markup2image.diffusion.sampling import sample_images, to_uint8
     from markup2image.io import save_png
     from markup2image.models.model import MODEL_CONFIG, load_model
-    from markup2image.text.tokenizer import encode_batch, load_tokenizer
+    from markup2image.text.tokenizer import empty_markup_like, encode_batch, load_tokenizer
 
     model_dir = Path(args.model)
     if not (model_dir / MODEL_CONFIG).exists():
@@ -130,10 +130,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise SystemExit("error: sample needs --markup (repeatable) or --markup-file")
     tok = load_tokenizer(model_dir)
     size = max(1, args.batch_size)
+    w = args.guidance_scale
+    if w is None:  # the evaluate stage's scale for this model
+        w = float(saved.get("params", {}).get("evaluate", {}).get("guidance_scale", 1.0))
     arrays = []
     for lo in tqdm(range(0, len(rows), size), desc="sample", unit="batch", disable=len(rows) <= size):
         chunk = [r["markup"] for r in rows[lo : lo + size]]
         ids, mask = encode_batch(tok, chunk, model.model_cfg.max_text_length)
+        uncond = tuple(torch.from_numpy(a).to(device) for a in empty_markup_like(tok, ids)) if w != 1.0 else None
         try:
             images = sample_images(
                 model,
@@ -144,6 +148,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
                 seed=args.seed + lo,
                 diffusion=diffusion,
                 progress=len(rows) <= size,
+                guidance_scale=w,
+                uncond=uncond,
             )
         except ValueError as exc:
             raise SystemExit(f"error: {exc}") from None
@@ -324,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--markup-file", type=Path, help="one markup per line, or JSONL with 'id' and 'markup'; --out is a folder"
     )
     sm.add_argument("--batch-size", type=int, default=32, help="items sampled together")
+    sm.add_argument(
+        "--guidance-scale", type=float, help="classifier-free guidance (default: the model's evaluate.guidance_scale)"
+    )
     sm.add_argument("--out", required=True, type=Path)
     sm.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim", "dpm_solver"])
     sm.add_argument("--steps", type=int, default=0, help="default: 1000 for ddpm, 50 otherwise")

@@ -63,6 +63,7 @@ class DataConfig:
     # synthetic math grammar: nesting depth (fractions in scripts in brackets) and terms per flat expression
     max_depth: int = 2
     max_terms: int = 5
+    symbols: Literal["full", "basic"] = "full"  # the glyph alphabet (data/generators/math.py)
     # hub: dataset id per domain (datasets.load_dataset); file: a JSONL/CSV path per domain
     hub_ids: dict[str, str] = field(
         default_factory=lambda: {
@@ -144,6 +145,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     ema_warmup: bool = False  # EMA decay 1 - (1 + step)^(-2/3), capped at ema_decay
+    cond_dropout: float = 0.0  # share of items trained on the empty markup (for classifier-free guidance)
     checkpoint_every: int = 100
     log_every: int = 10
     seed: int = 0
@@ -162,6 +164,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvaluateConfig:
     num_samples: int = 16
+    guidance_scale: float = 1.0  # classifier-free guidance w (1 = none; needs a model trained with cond_dropout)
     sampler: Literal["ddpm", "ddim", "dpm_solver"] = "ddim"
     steps: int = 20
     batch_size: int = 16

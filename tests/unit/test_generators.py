@@ -143,3 +143,19 @@ def test_grammar_keys_are_ignored_by_fixed_grammars() -> None:
     assert synthetic_splits("tables", 0, {"train": 5}, {"max_depth": 0, "max_terms": 1}) == synthetic_splits(
         "tables", 0, {"train": 5}
     )
+
+
+def test_basic_symbols_keep_to_the_school_alphabet() -> None:
+    from markup2image.data.generators.math import BASIC
+
+    grammar = {"max_depth": 1, "max_terms": 2, "symbols": "basic"}
+    rows = synthetic_splits("math", 0, {"train": 300}, grammar)["train"]
+    allowed = set(BASIC.latin + BASIC.greek + BASIC.binary + BASIC.relations + BASIC.functions)
+    allowed |= set("0123456789") | {"{", "}", "_", "^", "\\frac", "\\sqrt", "(", ")", "\\left(", "\\right)"}
+    allowed |= {",", ".", "\\prime", "[", "]"}
+    tokens = Counter(t for r in rows for t in r["markup"].split())
+    assert set(tokens) <= allowed, set(tokens) - allowed
+    for needed in ("\\frac", "\\sqrt", "_", "^", "=", "+", "\\sin", "\\alpha", "2"):
+        assert tokens[needed] > 0, needed
+    with pytest.raises(ValueError, match="data.symbols"):
+        synthetic_splits("math", 0, {"train": 1}, {"symbols": "emoji"})

@@ -44,9 +44,10 @@ def split_sizes(params: Params) -> dict[str, int]:
     return {"train": d.train_size, "val": d.val_size, "test": d.test_size}
 
 
-def grammar_of(params: Params) -> dict[str, int]:
-    """The synthetic generators' difficulty keys (``data.max_depth``, ``data.max_terms``)."""
-    return {"max_depth": params.data.max_depth, "max_terms": params.data.max_terms}
+def grammar_of(params: Params) -> dict[str, int | str]:
+    """The synthetic generators' difficulty keys (``data.max_depth``, ``data.max_terms``, ``data.symbols``)."""
+    d = params.data
+    return {"max_depth": d.max_depth, "max_terms": d.max_terms, "symbols": d.symbols}
 
 
 def download_corpus(domain: str, params: Params, out_dir: Path) -> dict:

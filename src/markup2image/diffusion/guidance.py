@@ -134,11 +134,15 @@ def guided_sample_images(
     guidance_local: float = 0.0,
     layout: LayoutBatch | None = None,
     progress: bool = False,
+    guidance_scale: float = 1.0,
+    uncond: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Sample one batch with HCMA guidance. ``input_ids, attention_mask [B, N]`` -> images in [-1, 1],
+    """Sample one batch with HCMA guidance (or classifier-free guidance, ``guidance_scale``, not both).
+    ``input_ids, attention_mask [B, N]`` -> images in [-1, 1],
     ``[B, C, H, W]`` float32. ``layout`` (boxes over the same ``N`` token positions) enables the local term.
     Without guidance (scales 0, or only a local scale and no layout) this is exactly ``sample_images``."""
     kw = dict(sampler=sampler, steps=steps, seed=seed, diffusion=diffusion, progress=progress)
+    kw |= dict(guidance_scale=guidance_scale, uncond=uncond)
     if (guidance_global > 0 or guidance_local > 0) and hcma is None:
         raise ValueError("hcma.guidance_global / hcma.guidance_local: guidance needs a model trained with HCMA")
     if guidance_local > 0 and layout is None:
@@ -146,6 +150,8 @@ def guided_sample_images(
         guidance_local = 0.0
     if hcma is None or not (guidance_global > 0 or guidance_local > 0):
         return sample_images(model, input_ids, attention_mask, **kw)
+    if guidance_scale != 1.0:
+        raise ValueError("evaluate.guidance_scale: classifier-free guidance and HCMA guidance do not combine")
     alphas = make_scheduler(sampler, diffusion).alphas_cumprod  # (T,) the training schedule
     layout = layout.to(input_ids.device) if layout is not None and guidance_local > 0 else None
     guided = GuidedDenoiser(

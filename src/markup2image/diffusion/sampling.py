@@ -85,8 +85,14 @@ def sample_images(
     diffusion: DiffusionConfig,
     progress: bool = False,
     kv_cache: bool = True,
+    guidance_scale: float = 1.0,
+    uncond: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Sample one batch. ``input_ids, attention_mask [B, N]`` -> images in [-1, 1], ``[B, C, H, W]`` float32.
+
+    ``guidance_scale`` w > 1: classifier-free guidance (Ho & Salimans 2022, eq. 6),
+    ``eps = eps(x, empty) + w (eps(x, markup) - eps(x, empty))``, with ``uncond`` the empty markup's ids and mask
+    ``[B, N]`` (:func:`~markup2image.text.tokenizer.empty_markup_like`); both halves run as one ``2B`` batch.
 
     ``model`` must provide ``encode(ids, mask)`` and ``denoise(x, t, hidden, mask)`` and an ``image`` geometry.
     The markup is encoded once per batch, not once per step, and with ``kv_cache`` (and a ``model.unet`` built
@@ -102,13 +108,23 @@ def sample_images(
     sched = make_scheduler(sampler, diffusion)
     sched.set_timesteps(steps)
     hidden = model.encode(input_ids, attention_mask)  # (B, N, D), once per batch
+    guided = guidance_scale != 1.0
+    if guided:
+        if uncond is None:
+            raise ValueError("evaluate.guidance_scale: classifier-free guidance needs the empty markup's ids")
+        hidden = torch.cat([hidden, model.encode(*uncond)])  # (2B, N, D): markup, then empty markup
+        attention_mask = torch.cat([attention_mask, uncond[1]])
     eta = eta_for(sampler)
     with _cross_attention_cache(model, kv_cache) as cache:
         if cache is not None:
             cache.prefill(hidden)
         for t in tqdm(sched.timesteps, desc=f"{sampler} sampling", disable=not progress, leave=False):
-            tt = torch.full((shape[0],), int(t), device=device, dtype=torch.long)
-            eps = model.denoise(x, tt, hidden, attention_mask)
+            tt = torch.full((hidden.shape[0],), int(t), device=device, dtype=torch.long)
+            if guided:
+                eps_markup, eps_empty = model.denoise(torch.cat([x, x]), tt, hidden, attention_mask).chunk(2)
+                eps = eps_empty + guidance_scale * (eps_markup - eps_empty)
+            else:
+                eps = model.denoise(x, tt, hidden, attention_mask)
             if isinstance(sched, DDIMScheduler):
                 noise = None
                 if eta > 0:

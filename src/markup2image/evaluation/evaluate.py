@@ -28,7 +28,7 @@ from markup2image.evaluation.image_edit import EDIT_KEYS
 from markup2image.evaluation.markup_use import markup_use_from_arrays
 from markup2image.io import load_image, read_jsonl, save_png, write_json
 from markup2image.models.model import load_model
-from markup2image.text.tokenizer import encode_batch, load_tokenizer
+from markup2image.text.tokenizer import empty_markup_like, encode_batch, load_tokenizer
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -81,6 +81,7 @@ def evaluate(params: Params, domain: str, model_dir: Path, rendered_dir: Path, o
         guidance=guidance,
         layouts=layouts,
         desc=f"evaluate {domain}",
+        guidance_scale=cfg.guidance_scale,
     )
     seconds = time.perf_counter() - t0
     for name, img in zip(names, preds):
@@ -95,6 +96,7 @@ def evaluate(params: Params, domain: str, model_dir: Path, rendered_dir: Path, o
         "sampler": cfg.sampler,
         "steps": cfg.steps,
         "batch_size": cfg.batch_size,
+        "guidance_scale": cfg.guidance_scale,
         "device": device_name(),
         "seconds_per_image": seconds / len(items),
         "parameters": n_params,
@@ -122,6 +124,7 @@ def sample_items(
     guidance: dict[str, float],
     layouts: dict,
     desc: str = "sampling",
+    guidance_scale: float = 1.0,
 ) -> list[np.ndarray]:
     """The image of each item's ``markup``, ``batch_size`` at a time: uint8 ``[H, W]`` or ``[H, W, 3]``, in order.
 
@@ -134,6 +137,9 @@ def sample_items(
         chunk = items[start : start + batch_size]
         ids, mask = encode_batch(tokenizer, [r["markup"] for r in chunk], model.model_cfg.max_text_length)
         layout = _chunk_layout(model, tokenizer, chunk, layouts, ids.shape[1]) if guidance["guidance_local"] else None
+        uncond = None
+        if guidance_scale != 1.0:
+            uncond = tuple(torch.from_numpy(a).to(device) for a in empty_markup_like(tokenizer, ids))
         images = guided_sample_images(
             model,
             model.hcma,
@@ -144,6 +150,8 @@ def sample_items(
             seed=seed + b,  # one generator per batch
             diffusion=diffusion,
             layout=layout,
+            guidance_scale=guidance_scale,
+            uncond=uncond,
             **guidance,
         )
         preds += list(to_uint8(images))

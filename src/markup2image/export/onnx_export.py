@@ -392,6 +392,7 @@ def build_manifest(
         "defaults": {
             "sampler": ev.sampler,
             "steps": params.diffusion.num_train_timesteps if ev.sampler == "ddpm" else ev.steps,
+            "guidance_scale": ev.guidance_scale,
         },
         "source": {"model_dir": str(model_dir), "weights_sha256": sha256_file(model_dir / "model.safetensors")},
         "versions": versions(),

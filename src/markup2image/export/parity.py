@@ -28,6 +28,7 @@ from markup2image.diffusion.sampling import to_uint8 as torch_to_uint8
 from markup2image.io import write_json
 from markup2image.runtime.sampler import ExportedModel
 from markup2image.runtime.sampler import to_uint8 as numpy_to_uint8
+from markup2image.text.tokenizer import empty_markup_like
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +91,11 @@ def parity_markup(tokenizer: Any, count: int = 2) -> list[str]:
 
 
 def sampling_parity(model: nn.Module, exported: ExportedModel, params: Params, seed: int = 0) -> dict[str, Any]:
-    """Torch ``sample_images`` vs the runtime on the same markup and seed (``ddim``, ``export.parity_steps``)."""
-    steps = params.export.parity_steps
+    """Torch ``sample_images`` vs the runtime on the same markup and seed (``ddim``, ``export.parity_steps``, the
+    evaluate stage's classifier-free guidance scale)."""
+    steps, w = params.export.parity_steps, params.evaluate.guidance_scale
     ids, mask = exported.tokenize(parity_markup(exported.tokenizer))
+    uncond = tuple(torch.from_numpy(a) for a in empty_markup_like(exported.tokenizer, ids)) if w != 1.0 else None
     with torch.no_grad():
         ref = sample_images(
             model,
@@ -102,10 +105,13 @@ def sampling_parity(model: nn.Module, exported: ExportedModel, params: Params, s
             steps=steps,
             seed=seed,
             diffusion=params.diffusion,
+            guidance_scale=w,
+            uncond=uncond,
         )
-    got = exported.sample(ids, mask, sampler="ddim", steps=steps, seed=seed)
+    got = exported.sample(ids, mask, sampler="ddim", steps=steps, seed=seed, guidance_scale=w)
     return {
         "sampler": "ddim",
+        "guidance_scale": w,
         "steps": steps,
         "seed": seed,
         "batch": int(ids.shape[0]),

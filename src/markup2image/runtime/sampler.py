@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from markup2image.runtime.manifest import load_manifest
 from markup2image.runtime.schedulers import make_stepper
-from markup2image.text.tokenizer import encode_batch, load_tokenizer
+from markup2image.text.tokenizer import empty_markup_like, encode_batch, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +161,12 @@ class ExportedModel:
         steps: int,
         seed: int,
         progress: bool = False,
+        guidance_scale: float | None = None,
     ) -> np.ndarray:
-        """One batch: ``[B, N]`` ids and mask -> images in [-1, 1], ``[B, C, H, W]`` float32."""
+        """One batch: ``[B, N]`` ids and mask -> images in [-1, 1], ``[B, C, H, W]`` float32.
+
+        ``guidance_scale``: classifier-free guidance (default: the manifest's, i.e. the evaluate stage's)."""
+        w = self.manifest.get("defaults", {}).get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
         return sample_numpy(
             self.backend,
             input_ids,
@@ -173,6 +177,8 @@ class ExportedModel:
             steps=steps,
             seed=seed,
             progress=progress,
+            guidance_scale=w,
+            uncond=empty_markup_like(self.tokenizer, input_ids) if w != 1.0 else None,
         )
 
     def generate(
@@ -210,15 +216,30 @@ def sample_numpy(
     steps: int,
     seed: int,
     progress: bool = False,
+    guidance_scale: float = 1.0,
+    uncond: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
-    """The torch-free twin of ``diffusion.sampling.sample_images``: ``[B, N]`` -> ``[B, C, H, W]`` in [-1, 1]."""
+    """The torch-free twin of ``diffusion.sampling.sample_images``: ``[B, N]`` -> ``[B, C, H, W]`` in [-1, 1]
+    (with the same classifier-free guidance: ``uncond`` the empty markup's ids and mask when ``guidance_scale``
+    is not 1)."""
     stepper = make_stepper(sampler, scheduler_config, steps)
     shape = (input_ids.shape[0], *image_shape)
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(shape, dtype=np.float32)  # x_T: the generator's first draw
     hidden = denoiser.encode(input_ids, attention_mask)  # (B, N, D), once per batch
+    guided = guidance_scale != 1.0
+    if guided:
+        if uncond is None:
+            raise ValueError("guidance_scale: classifier-free guidance needs the empty markup's ids")
+        hidden = np.concatenate([hidden, denoiser.encode(*uncond)])  # (2B, N, D)
+        attention_mask = np.concatenate([attention_mask, uncond[1]])
     for t in tqdm(stepper.timesteps, desc=f"{sampler} sampling", disable=not progress, leave=False):
-        eps = denoiser.denoise(x, np.full((shape[0],), t, dtype=np.int64), hidden, attention_mask)
+        tt = np.full((hidden.shape[0],), t, dtype=np.int64)
+        if guided:
+            eps_markup, eps_empty = np.split(denoiser.denoise(np.concatenate([x, x]), tt, hidden, attention_mask), 2)
+            eps = eps_empty + np.float32(guidance_scale) * (eps_markup - eps_empty)
+        else:
+            eps = denoiser.denoise(x, tt, hidden, attention_mask)
         noise = rng.standard_normal(shape, dtype=np.float32) if stepper.needs_noise else None
         x = stepper.step(eps, int(t), x, noise)
     return np.clip(x, -1.0, 1.0)

@@ -104,6 +104,17 @@ def encode_batch(tok: Tokenizer, texts: Sequence[str], max_length: int) -> tuple
     return out, mask
 
 
+def empty_markup_like(tok: Tokenizer, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The empty markup (``[BOS] [EOS]``) as ids and mask shaped like ``input_ids [B, N]``: what a model trained
+    with ``train.cond_dropout`` saw in place of the markup (classifier-free guidance's unconditional input)."""
+    null = tok.encode("").ids[: input_ids.shape[1]]
+    ids = np.full(input_ids.shape, pad_id(tok), dtype=np.int64)
+    mask = np.zeros(input_ids.shape, dtype=np.int64)
+    ids[:, : len(null)] = null
+    mask[:, : len(null)] = 1
+    return ids, mask
+
+
 def tokenize_corpus(
     rendered_dir: str | Path,
     out_dir: str | Path,

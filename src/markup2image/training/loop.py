@@ -36,6 +36,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,33 @@ class MicroBatchShare:
     indices: np.ndarray
     noise: torch.Tensor
     timesteps: torch.Tensor
+    positions: np.ndarray  # (b,) positions in the global batch
+
+
+def condition_dropout(seed: int, step: int, positions: np.ndarray, p: float) -> torch.Tensor:
+    """``[b]`` bool: which global-batch ``positions`` train without their markup at ``step`` (``train.cond_dropout``).
+
+    Drawn per position from its own generator (like :func:`draw_noise`), so any process split drops the same items.
+    """
+    if p <= 0:
+        return torch.zeros(len(positions), dtype=torch.bool)
+    draws = [
+        torch.rand(1, generator=torch.Generator().manual_seed(_seed(seed, step, int(j), 7)))[0] for j in positions
+    ]
+    return torch.stack(draws) < p
+
+
+def drop_markup(ids: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor, null: Sequence[int], pad: int):
+    """``ids, mask [B, N]`` with the rows in ``drop`` replaced by the empty markup ``null`` (e.g. [BOS, EOS])."""
+    if not bool(drop.any()):
+        return ids, mask
+    ids, mask = ids.clone(), mask.clone()
+    n = min(len(null), ids.shape[1])
+    ids[drop] = pad
+    ids[drop, :n] = torch.tensor(list(null[:n]), dtype=ids.dtype)
+    mask[drop] = 0
+    mask[drop, :n] = 1
+    return ids, mask
 
 
 def micro_batch_share(
@@ -175,7 +203,7 @@ def micro_batch_share(
     first = (micro * world + rank) * local
     positions = np.arange(first, first + local)  # (b,) positions in the global batch
     noise, timesteps = draw_noise(step, cfg.seed, positions, image_shape, num_timesteps)
-    return MicroBatchShare(batch_indices[positions], noise, timesteps)
+    return MicroBatchShare(batch_indices[positions], noise, timesteps, positions)
 
 
 DATA_FINGERPRINT_FILES = ("train.jsonl", TOKENIZER_FILE)  # in the tokenized folder: ids, markup, vocabulary
@@ -289,6 +317,7 @@ class _Run:
     indices: BatchIndexer
     sched: DDPMScheduler  # the forward process q(y_t | y0)
     objective: ObjectiveFn
+    null_ids: list[int]  # the empty markup's ids ([BOS, EOS]): what train.cond_dropout conditions on
 
     @property
     def trainable(self) -> list[torch.nn.Parameter]:
@@ -334,7 +363,8 @@ def _prepare(params: Params, domain: str, paths: TrainPaths, acc: Accelerator) -
     net = acc.unwrap_model(prepared)
     indices = BatchIndexer(len(dataset), cfg.seed)
     sched, objective = noise_scheduler(params.diffusion), get_objective(cfg.objective)
-    return _Run(acc, prepared, net, opt, lr_sched, ema, dataset, indices, sched, objective)
+    null_ids = load_tokenizer(paths.tokenized).encode("").ids
+    return _Run(acc, prepared, net, opt, lr_sched, ema, dataset, indices, sched, objective, null_ids)
 
 
 def _resume(run: _Run, paths: TrainPaths, fingerprint: str) -> int:
@@ -425,10 +455,12 @@ def _train_step(run: _Run, params: Params, step: int, terms_acc: dict[str, tuple
     for micro in range(cfg.grad_accum):
         share = micro_batch_share(cfg, gidx, step, micro, rank, world, chw, num_t)
         data = collate([run.dataset[int(i)] for i in share.indices], pad_id=net.pad_id)
+        drop = condition_dropout(cfg.seed, step, share.positions, cfg.cond_dropout)
+        ids, mask = drop_markup(data["input_ids"], data["attention_mask"], drop, run.null_ids, net.pad_id)
         batch = TrainBatch(
             images=data["images"].to(acc.device),
-            input_ids=data["input_ids"].to(acc.device),
-            attention_mask=data["attention_mask"].to(acc.device),
+            input_ids=ids.to(acc.device),
+            attention_mask=mask.to(acc.device),
             markup_keys=data["markup_keys"].to(acc.device),
             noise=share.noise.to(acc.device),  # (b, C, H, W): this rank's slice of the global draw
             timesteps=share.timesteps.to(acc.device),

@@ -61,12 +61,12 @@ GRAMMAR_KEYS: frozenset[str] = frozenset({"math"})
 
 
 def synthetic_splits(
-    domain: str, seed: int, sizes: dict[str, int], grammar: dict[str, int] | None = None
+    domain: str, seed: int, sizes: dict[str, int], grammar: dict[str, int | str] | None = None
 ) -> dict[str, list[dict[str, str]]]:
     """Generate ``{split: [{"id", "markup"}, ...]}`` with ``sizes[split]`` distinct items per split.
 
-    ``grammar``: difficulty keywords (``max_depth``, ``max_terms``) for the domains in :data:`GRAMMAR_KEYS`;
-    the other generators have a fixed grammar and ignore them."""
+    ``grammar``: difficulty keywords (``max_depth``, ``max_terms``, ``symbols``) for the domains in
+    :data:`GRAMMAR_KEYS`; the other generators have a fixed grammar and ignore them."""
     base = get_generator(domain)
     kwargs = dict(grammar or {}) if domain in GRAMMAR_KEYS else {}
 

@@ -10,6 +10,7 @@ bulk) so that most formulas fit the 64x320 canvas; the ones that do not are reje
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 LATIN = list("abcdefghijklmnopqrstuvwxyz") + list("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 GREEK = (
@@ -27,6 +28,36 @@ SYMBOLS = [r"\infty", r"\partial", r"\nabla", r"\hbar", r"\ell"]
 BRACKETS = [("(", ")"), ("(", ")"), ("[", "]"), (r"\{", r"\}"), ("|", "|")]
 
 
+@dataclass(frozen=True)
+class Symbols:
+    """The alphabet a grammar draws from (``data.symbols``)."""
+
+    latin: tuple[str, ...]
+    greek: tuple[str, ...]
+    binary: tuple[str, ...]
+    relations: tuple[str, ...]
+    functions: tuple[str, ...]
+    brackets: tuple[tuple[str, str], ...]
+    extras: bool  # accents, math alphabets, big operators, \infty-like symbols
+
+
+FULL = Symbols(
+    tuple(LATIN), tuple(GREEK), tuple(BINARY), tuple(RELATIONS), tuple(FUNCTIONS), tuple(BRACKETS), extras=True
+)
+# basic: the glyphs of school algebra (lower-case Latin, a few capitals, common Greek, digits, + - = and relations,
+# scripts, fractions, roots, \sin-like functions, parentheses); fewer glyph kinds to learn on a CPU budget.
+BASIC = Symbols(
+    latin=tuple("abcdefghijklmnopqrstuvwxyz") + tuple("ABCNXY"),
+    greek=tuple(r"\alpha \beta \gamma \delta \theta \lambda \mu \pi \sigma \phi \omega \Delta \Sigma \Omega".split()),
+    binary=("+", "-", "+", "-", r"\cdot", r"\times"),
+    relations=("=", "=", "=", "<", ">", r"\leq", r"\geq", r"\neq", r"\approx"),
+    functions=(r"\sin", r"\cos", r"\tan", r"\log", r"\exp"),
+    brackets=(("(", ")"),),
+    extras=False,
+)
+SYMBOL_SETS = {"full": FULL, "basic": BASIC}
+
+
 class MathFormulaGenerator:
     """Draw one formula per call from a seeded grammar.
 
@@ -34,19 +65,22 @@ class MathFormulaGenerator:
     flat expression. Both are kept small so that formulas look like im2latex's short-to-medium ones.
     """
 
-    def __init__(self, rng: random.Random, max_depth: int = 2, max_terms: int = 5) -> None:
+    def __init__(self, rng: random.Random, max_depth: int = 2, max_terms: int = 5, symbols: str = "full") -> None:
         self.rng = rng
         self.max_depth = max_depth
         self.max_terms = max_terms
+        if symbols not in SYMBOL_SETS:
+            raise ValueError(f"data.symbols: {symbols!r} is not one of {sorted(SYMBOL_SETS)}")
+        self.s = SYMBOL_SETS[symbols]
 
     # -- leaves ----------------------------------------------------------------------------------------------------
     def symbol(self) -> list[str]:
         r = self.rng.random()
         if r < 0.55:
-            return [self.rng.choice(LATIN)]
+            return [self.rng.choice(self.s.latin)]
         if r < 0.8:
-            return [self.rng.choice(GREEK)]
-        if r < 0.95:
+            return [self.rng.choice(self.s.greek)]
+        if r < 0.95 or not self.s.extras:
             return list(str(self.rng.choice([1, 2, 2, 3, 4, 10, self.rng.randint(0, 99)])))
         return [self.rng.choice(SYMBOLS)]
 
@@ -91,11 +125,13 @@ class MathFormulaGenerator:
                 root += ["[", self.rng.choice(["3", "n", "4"]), "]"]
             return root + ["{", *self.expression(depth + 1, 2), "}"]
         if r < 0.72:
-            left, right = self.rng.choice(BRACKETS)
+            left, right = self.rng.choice(self.s.brackets)
             inner = self.expression(depth + 1, 3)
             if self.rng.random() < 0.5:
                 return self.scripted(["\\left" + left, *inner, "\\right" + right], depth + 1, p=0.25)
             return self.scripted([left, *inner, right], depth + 1, p=0.25)
+        if r < 0.88 and not self.s.extras:
+            return self.scripted(self.symbol(), depth)
         if r < 0.77 and depth == 0:
             return self.big_operator(depth)
         if r < 0.84:
@@ -105,7 +141,7 @@ class MathFormulaGenerator:
             letters = LATIN[26:] if font == r"\mathcal" else LATIN
             return [font, "{", *(self.rng.choice(letters) for _ in range(self.rng.choice([1, 1, 2]))), "}"]
         if r < 0.95:
-            return [self.rng.choice(FUNCTIONS), *self.scripted(self.symbol(), depth + 1, p=0.2)]
+            return [self.rng.choice(self.s.functions), *self.scripted(self.symbol(), depth + 1, p=0.2)]
         return self.scripted(["(", *self.symbol(), ")"], depth)
 
     def big_operator(self, depth: int) -> list[str]:
@@ -128,7 +164,7 @@ class MathFormulaGenerator:
         out = self.term(depth)
         for _ in range(n - 1):
             if self.rng.random() < 0.45:
-                out.append(self.rng.choice(BINARY))
+                out.append(self.rng.choice(self.s.binary))
             out += self.term(depth)
         return out
 
@@ -136,12 +172,13 @@ class MathFormulaGenerator:
         """One formula: an expression, optionally related to another one, optionally ending in ``,`` or ``.``."""
         tokens = self.expression(0)
         if self.rng.random() < 0.55:
-            tokens += [self.rng.choice(RELATIONS), *self.expression(0, 3)]
+            tokens += [self.rng.choice(self.s.relations), *self.expression(0, 3)]
         if self.rng.random() < 0.15:
             tokens += [self.rng.choice([",", "."])]
         return " ".join(tokens)
 
 
-def generate_math(rng: random.Random, max_depth: int = 2, max_terms: int = 5) -> str:
-    """One synthetic im2latex-style formula drawn with ``rng`` (``data.max_depth``, ``data.max_terms``)."""
-    return MathFormulaGenerator(rng, max_depth=max_depth, max_terms=max_terms).formula()
+def generate_math(rng: random.Random, max_depth: int = 2, max_terms: int = 5, symbols: str = "full") -> str:
+    """One synthetic im2latex-style formula drawn with ``rng`` (``data.max_depth``, ``data.max_terms``,
+    ``data.symbols``)."""
+    return MathFormulaGenerator(rng, max_depth=max_depth, max_terms=max_terms, symbols=symbols).formula()
