@@ -15,7 +15,10 @@ def test_render_math_writes_png(tmp_path):
     out = tmp_path / "a.png"
     assert main(["render", "--domain", "math", "--markup", r"\frac { a } { b }", "--out", str(out)]) == 0
     arr = np.asarray(Image.open(out))
-    assert arr.shape == (64, 320)
+    from markup2image.cli import _params
+
+    cfg = _params("params.yaml").domain_config("math")  # the repository's params, or the defaults elsewhere
+    assert arr.shape == (cfg.height, cfg.width)
     assert arr.min() < 100 and arr[-1, -1] == 255  # ink somewhere, white bottom-right corner
 
 
@@ -159,7 +162,10 @@ def test_render_and_sample_a_markup_file_then_score_the_pairs(tmp_path):
     )
     assert len(list(gold.glob("*.png"))) == 4 and (gold / "named.png").exists()  # the broken line is reported
 
-    image = DomainConfig(height=64, width=320, channels=1)
+    from markup2image.cli import _params
+
+    image = _params("params.yaml").domain_config("math")  # what render drew with here
+    assert isinstance(image, DomainConfig)
     tok = train_tokenizer("char", markups * 3, vocab_size=60)
     torch.manual_seed(0)
     cfg = dataclasses.replace(TINY_MODEL, block_out_channels=(8, 16), cross_attention_levels=(False, True))
