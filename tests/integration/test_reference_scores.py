@@ -60,3 +60,24 @@ def test_blank_beats_the_model_on_rmse_but_not_on_dtw(reference_scores: dict) ->
     assert blank["rmse"] < model["rmse"]
     assert blank["dtw"] > model["dtw"] > model["dtw_ti"]
     assert all(math.isfinite(model[k]) for k in ("psnr", "ergas", "rase"))
+
+
+def test_ergas_and_rase_are_ss_dm_evaluation_code(reference_scores: dict) -> None:
+    """SS-DM's eval_utils/image_evals.py: cv2 grayscale loads, sewar with the prediction in the first slot."""
+    import cv2
+    import numpy as np
+    from sewar.full_ref import ergas, rase
+
+    folder = _reference_dir()
+    names = sorted(p.name for p in (folder / "pred").glob("*.png"))
+    ours = {row["name"]: row for row in reference_scores["per_image"]}
+    for key, fn in (("ergas", ergas), ("rase", rase)):
+        values = []
+        for name in names:
+            pred = cv2.imread(str(folder / "pred" / name), cv2.IMREAD_GRAYSCALE)
+            gold = cv2.imread(str(folder / "gold" / name), cv2.IMREAD_GRAYSCALE)
+            values.append(fn(pred, gold))
+            assert ours[Path(name).stem][key] == pytest.approx(values[-1], rel=1e-9)  # pairs match by file stem
+        assert reference_scores["summary"][key] == pytest.approx(float(np.mean(values)), rel=1e-9)
+        # the torchmetrics form (gold as target) is a different number: the slot order matters
+        assert reference_scores["summary"][f"{key}_tm"] != pytest.approx(float(np.mean(values)), rel=1e-3)

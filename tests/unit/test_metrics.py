@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sewar.full_ref import ergas as sewar_ergas
 from sewar.full_ref import psnr as sewar_psnr
+from sewar.full_ref import rase as sewar_rase
 from sewar.full_ref import rmse as sewar_rmse
 from sewar.full_ref import ssim as sewar_ssim
 from torchmetrics.functional.image import (
@@ -204,6 +206,7 @@ def test_identical_images_score_perfectly() -> None:
     assert scores["dtw"] == 0.0 and scores["dtw_ti"] == 0.0 and scores["rmse"] == 0.0
     assert scores["ssim"] == pytest.approx(1.0, abs=1e-12)
     assert scores["ergas"] == 0.0 and scores["rase"] == 0.0
+    assert scores["ergas_tm"] == 0.0 and scores["rase_tm"] == 0.0
     assert M.psnr(img, img) == math.inf
     assert scores["psnr"] == M.PSNR_CAP_DB
     assert set(scores) == set(M.METRIC_NAMES)
@@ -214,8 +217,13 @@ def test_rmse_psnr_ergas_by_hand() -> None:
     pred = gold - 10  # error 10 everywhere
     assert M.rmse(pred, gold) == pytest.approx(10.0)
     assert M.psnr(pred, gold) == pytest.approx(10 * math.log10(255**2 / 100))
-    assert M.ergas(pred, gold) == pytest.approx(100 / 4 * 10 / 200)  # gold is the target: divides by its mean
-    assert M.ergas(gold, pred) == pytest.approx(100 / 4 * 10 / 190)
+    # SS-DM calls sewar with the prediction as sewar's ground truth: ERGAS divides by the prediction's mean
+    assert M.ergas(pred, gold) == pytest.approx(100 / 4 * 10 / 190)
+    assert M.ergas(gold, pred) == pytest.approx(100 / 4 * 10 / 200)
+    # torchmetrics' form: gold is the target, it divides by the gold mean
+    assert M.ergas_tm(pred, gold) == pytest.approx(100 / 4 * 10 / 200)
+    # RASE on a constant error: 100 / local mean * local RMSE, the prediction's mean (190) for SS-DM's call
+    assert M.rase(pred, gold) == pytest.approx(100 / 190 * 10)
 
 
 def test_pixel_metrics_match_sewar_and_torchmetrics() -> None:
@@ -229,10 +237,14 @@ def test_pixel_metrics_match_sewar_and_torchmetrics() -> None:
         assert M.psnr(pred, gold) == pytest.approx(sewar_psnr(gold, pred), rel=1e-12)
         p = torch.from_numpy(pred.astype(np.float64))[None, None]
         g = torch.from_numpy(gold.astype(np.float64))[None, None]
-        assert M.rase(pred, gold) == pytest.approx(float(relative_average_spectral_error(p, g)), rel=1e-9)
-        assert M.ergas(pred, gold) == pytest.approx(
+        assert M.rase_tm(pred, gold) == pytest.approx(float(relative_average_spectral_error(p, g)), rel=1e-9)
+        assert M.ergas_tm(pred, gold) == pytest.approx(
             float(error_relative_global_dimensionless_synthesis(p, g)), rel=1e-12
         )
+        # SS-DM's eval_utils/image_evals.py: sewar with the prediction in the first slot
+        assert M.ergas(pred, gold) == pytest.approx(sewar_ergas(pred, gold), rel=1e-12)
+        assert M.rase(pred, gold) == pytest.approx(sewar_rase(pred, gold), rel=1e-12)
+        assert M.ergas(pred, gold) != pytest.approx(sewar_ergas(gold, pred), rel=1e-6)
 
 
 def test_ssim_is_valid_mode_uniform_window() -> None:

@@ -62,6 +62,8 @@ def bench_metrics(num_pairs: int = 32, height: int = 64, width: int = 320, seed:
         "psnr": metrics.psnr,
         "ergas": metrics.ergas,
         "rase": metrics.rase,
+        "ergas_tm": metrics.ergas_tm,
+        "rase_tm": metrics.rase_tm,
         "score_pair": metrics.score_pair,
     }
     results = {}

@@ -26,6 +26,7 @@ from markup2image.diffusion.guidance import guided_sample_images
 from markup2image.diffusion.sampling import to_uint8
 from markup2image.evaluation.image_edit import EDIT_KEYS
 from markup2image.evaluation.markup_use import markup_use_from_arrays
+from markup2image.evaluation.metrics import METRIC_NAMES
 from markup2image.io import load_image, read_jsonl, save_png, write_json
 from markup2image.models.model import load_model
 from markup2image.text.tokenizer import empty_markup_like, encode_batch, load_tokenizer
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-METRICS = ("dtw", "dtw_ti", "rmse", "ssim", "psnr", "ergas", "rase", *EDIT_KEYS)
+METRICS = (*METRIC_NAMES, *EDIT_KEYS)
 
 
 def select_test_items(rows: list[dict], num_samples: int, seed: int = 42) -> list[dict]:

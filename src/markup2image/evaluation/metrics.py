@@ -12,7 +12,11 @@ Every metric takes two uint8 images, a generated one (``pred``) and the rendered
   ``floor(0.1 * H)`` rows in both directions of the squared distance over the overlapping rows; square root at the
   end (the original ``euclidean_dist_translation_invariant`` under ``dtw_path_from_metric``).
 - ``rmse``, ``psnr`` on 0..255; ``ssim`` as sewar computes it (11x11 uniform window, valid mode, K1=0.01, K2=0.03,
-  L=255); ``ergas``, ``rase`` as torchmetrics defines them, gold as the target.
+  L=255).
+- ``ergas``, ``rase``: sewar's ``ergas(GT, P)`` (ratio 1/4) and ``rase(GT, P)`` (8x8 window) called exactly as SS-DM's
+  ``eval_utils/image_evals.py`` calls them, the *prediction in sewar's first (ground-truth) slot*: ERGAS divides by
+  the prediction's mean, RASE by the prediction's local means. Lower is better (SS-DM negates them for ranking).
+- ``ergas_tm``, ``rase_tm``: the torchmetrics forms, gold as the target (what torchmetrics users report).
 
 Identical images have an infinite PSNR. :func:`psnr` returns ``inf`` for them, as sewar does; :func:`score_pair`
 caps it at :data:`PSNR_CAP_DB` (100 dB) so that means and JSON stay finite. For 8-bit images with fewer than
@@ -27,6 +31,8 @@ import cv2
 import numpy as np
 import torch
 from dtaidistance import dtw_ndim
+from sewar.full_ref import ergas as sewar_ergas
+from sewar.full_ref import rase as sewar_rase
 from torchmetrics.functional.image import error_relative_global_dimensionless_synthesis
 
 INK_THRESHOLD = 150  # a pixel is ink when its gray value is below this
@@ -37,7 +43,7 @@ SSIM_K2 = 0.03
 RASE_WINDOW = 8
 PIXEL_MAX = 255.0
 PSNR_CAP_DB = 100.0
-METRIC_NAMES = ("dtw", "dtw_ti", "rmse", "ssim", "psnr", "ergas", "rase")
+METRIC_NAMES = ("dtw", "dtw_ti", "rmse", "ssim", "psnr", "ergas", "rase", "ergas_tm", "rase_tm")
 
 
 def to_gray(img: np.ndarray) -> np.ndarray:
@@ -204,6 +210,27 @@ def _as_tensor(gray: np.ndarray) -> torch.Tensor:
 
 
 def ergas(pred: np.ndarray, gold: np.ndarray) -> float:
+    """ERGAS as SS-DM's evaluation computes it: ``sewar.full_ref.ergas(pred, gold)``, the prediction as sewar's GT.
+
+    ``25 * RMSE / mean(pred)`` for gray images; ``inf`` for an all-black prediction (as sewar gives).
+    """
+    p, g = gray_pair(pred, gold)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(sewar_ergas(p, g))
+
+
+def rase(pred: np.ndarray, gold: np.ndarray) -> float:
+    """RASE as SS-DM's evaluation computes it: ``sewar.full_ref.rase(pred, gold)`` (8x8 window), prediction as GT.
+
+    Windows whose prediction mean is 0 count 0, as in sewar.
+    """
+    p, g = gray_pair(pred, gold)
+    if round(RASE_WINDOW / 2) >= min(g.shape):
+        raise ValueError(f"RASE needs images larger than {round(RASE_WINDOW / 2)} pixels per side, got {g.shape}")
+    return float(sewar_rase(p, g, ws=RASE_WINDOW))
+
+
+def ergas_tm(pred: np.ndarray, gold: np.ndarray) -> float:
     """torchmetrics ERGAS (ratio 4) of ``pred [H, W]`` against ``gold`` as the target: ``25 * RMSE / mean(gold)``."""
     p, g = gray_pair(pred, gold)
     return float(error_relative_global_dimensionless_synthesis(_as_tensor(p), _as_tensor(g)))
@@ -217,7 +244,7 @@ def _box_mean_same(x: np.ndarray, size: int) -> np.ndarray:
     return _box_mean_valid(np.pad(x, ((before, after), (before, after)), mode="symmetric"), size)
 
 
-def rase(pred: np.ndarray, gold: np.ndarray) -> float:
+def rase_tm(pred: np.ndarray, gold: np.ndarray) -> float:
     """torchmetrics' RASE (8x8 window) of ``pred [H, W]`` against ``gold`` as the target.
 
     Reproduces ``relative_average_spectral_error`` in numpy (it runs a float64 conv2d, ~20x slower on one CPU
@@ -253,4 +280,6 @@ def score_pair(pred: np.ndarray, gold: np.ndarray) -> dict[str, float]:
         "psnr": psnr(p, g, cap_db=PSNR_CAP_DB),
         "ergas": ergas(p, g),
         "rase": rase(p, g),
+        "ergas_tm": ergas_tm(p, g),
+        "rase_tm": rase_tm(p, g),
     }
