@@ -11,6 +11,7 @@ from tiny_models import TINY_IMAGE, TINY_MODEL
 from torch import nn
 
 from markup2image.config import HcmaConfig, Params, TrainConfig
+from markup2image.diffusion.losses import contrastive_diffusion_loss
 from markup2image.diffusion.objectives import (
     OBJECTIVES,
     TrainBatch,
@@ -250,14 +251,36 @@ def test_fsa_cdm_infonce_weight_zero_keeps_the_head_in_the_graph():
     assert all(g is not None and float(g.abs().sum()) == 0.0 for g in grads)
 
 
-def test_cdcd_is_simple_minus_weighted_negatives():
+def test_cdcd_is_simple_plus_weighted_contrastive_term():
     model = _model()
     params = _params(model, cdcd_weight=0.25)
     calls = []
     model.unet.register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape[0]))
     loss, terms = get_objective("cdcd")(model, _batch(keys=[1, 2, 3, 4]), SCHED, params, 0)
     assert calls == [4 * 3]
-    assert math.isclose(loss.item(), terms["loss_simple"] - 0.25 * terms["loss_negative"], rel_tol=1e-5)
+    pixels = IMAGE.channels * IMAGE.height * IMAGE.width
+    assert math.isclose(loss.item(), terms["loss_simple"] + 0.25 * terms["loss_cdcd"] / pixels, rel_tol=1e-5)
+    assert terms["loss_cdcd"] >= 0
+
+
+def test_cdcd_contrastive_term_is_bounded_and_saturates():
+    pos = torch.tensor([0.10, 0.10])
+    for scale in (1.0, 10.0, 1e3, 1e6):  # ever worse predictions on the mismatched pairs
+        neg = torch.full((2, 3), 0.10 * scale)
+        value = contrastive_diffusion_loss(pos, neg, pixels=64)
+        assert value >= 0
+    assert contrastive_diffusion_loss(pos, torch.full((2, 3), 0.1), pixels=64) == pytest.approx(math.log(4))
+    assert contrastive_diffusion_loss(pos, torch.full((2, 3), 1e6), pixels=64) == pytest.approx(0.0, abs=1e-6)
+    # worse negatives lower it; a worse positive raises it
+    neg = torch.full((2, 3), 0.11)
+    base = contrastive_diffusion_loss(pos, neg, pixels=64)
+    assert contrastive_diffusion_loss(pos, neg + 0.01, pixels=64) < base
+    assert contrastive_diffusion_loss(pos + 0.01, neg, pixels=64) > base
+    # by hand: -log(e^{-64*0.1} / (e^{-64*0.1} + 3 e^{-64*0.11}))
+    assert float(base) == pytest.approx(math.log(1 + 3 * math.exp(-64 * 0.01)), rel=1e-6)
+    # masked negatives drop out; an item without any is left out of the mean
+    mask = torch.tensor([[True, False, False], [False, False, False]])
+    assert float(contrastive_diffusion_loss(pos, neg, 64, mask)) == pytest.approx(math.log(1 + math.exp(-0.64)))
 
 
 # -- HCMA ---------------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@
 * :func:`fine_grained_alignment_loss`: FSA-CDM's ``L_fa`` over the valid markup tokens.
 * :func:`negative_elbo_penalty`: the EUBO-side term ``mean_k exp(-2 L_simple(negative_k))`` of eq. 10.
 * :func:`info_nce_loss`: InfoNCE of an anchor against one positive and K (maskable) negatives.
+* :func:`contrastive_diffusion_loss`: CDCD's contrastive term, InfoNCE whose scores are the negative denoising losses.
 """
 
 from __future__ import annotations
@@ -101,6 +102,31 @@ def info_nce_loss(
     neg = torch.einsum("bp,bkp->bk", a, n) / tau  # (B, K)
     if negative_mask is None:
         negative_mask = torch.ones(neg.shape, dtype=torch.bool, device=neg.device)
+    return _nce(pos, neg, negative_mask)
+
+
+def _nce(pos: torch.Tensor, neg: torch.Tensor, negative_mask: torch.Tensor) -> torch.Tensor:
+    """``-log softmax`` of the positive logit ``[B, 1]`` among ``[pos, neg [B, K]]``, masked negatives dropped."""
     neg = neg.masked_fill(~negative_mask, float("-inf"))
     per_item = -torch.log_softmax(torch.cat([pos, neg], dim=1), dim=1)[:, 0]  # (B,)
     return _mean_over_items_with_negatives(per_item, negative_mask)
+
+
+def contrastive_diffusion_loss(
+    positive_simple: torch.Tensor,
+    negative_simple: torch.Tensor,
+    pixels: int,
+    negative_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """CDCD's contrastive diffusion term (Zhu et al., ICLR 2023): InfoNCE whose score of an image-markup pair
+    is ``exp(-L)``, ``L`` the pair's denoising (ELBO-step) loss summed over the ``pixels`` dimensions:
+    ``-log( e^{-L_pos} / (e^{-L_pos} + sum_k e^{-L_neg_k}) )``.
+
+    Bounded below by 0: it saturates once every negative denoises clearly worse than the positive, instead of
+    rewarding arbitrarily wrong predictions on mismatched pairs. ``positive_simple [B]`` and ``negative_simple
+    [B, K]`` are per-pixel means (:func:`simple_loss`); ``negative_mask [B, K]`` as in :func:`info_nce_loss`.
+    Returns the mean over items in nats (callers that train on per-pixel means divide by ``pixels``).
+    """
+    if negative_mask is None:
+        negative_mask = torch.ones_like(negative_simple, dtype=torch.bool)
+    return _nce(-pixels * positive_simple.float()[:, None], -pixels * negative_simple.float(), negative_mask)

@@ -11,7 +11,8 @@ runs without gradients on the unwrapped model.
 
 * ``ddpm``: ``L_simple``.
 * ``ss_dm``: scheduled sampling (Deng et al. 2023, final code), :func:`scheduled_sampling_rollout`.
-* ``cdcd``: ``L_simple(y0) - w mean_k L_simple(negative_k)``.
+* ``cdcd``: ``L_simple(y0) + w L_cdcd``, CDCD's bounded contrastive diffusion term
+  (:func:`~markup2image.diffusion.losses.contrastive_diffusion_loss`) over the item and its K negatives.
 * ``fsa_cdm``: ``beta L_fa + L_simple(y0) + L_simple(y0') + lambda mean_k exp(-2 L_simple(negative_k))
   + infonce_weight L_infonce`` (FSA-CDM eq. 10 in L_simple form, where ``infonce_weight`` is 1); the terms whose
   switch (``model.fsa``, ``model.con_aug``) is off drop out.
@@ -51,7 +52,13 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from markup2image.config import DiffusionConfig, Params
-from markup2image.diffusion.losses import info_nce_loss, negative_elbo_penalty, prediction_loss_weights, simple_loss
+from markup2image.diffusion.losses import (
+    contrastive_diffusion_loss,
+    info_nce_loss,
+    negative_elbo_penalty,
+    prediction_loss_weights,
+    simple_loss,
+)
 from markup2image.diffusion.sampling import scheduler_config
 from markup2image.models.hcma import HcmaBatch
 from markup2image.models.model import DenoiserOutput
@@ -293,7 +300,12 @@ def _negative_views(
 def cdcd_loss(
     model: torch.nn.Module, batch: TrainBatch, sched: DDPMScheduler, params: Params, step: int
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """``L_simple(y0) - w mean_k L_simple(negative_k)``, ``w = train.cdcd_weight``; one U-Net call of ``(K+1)B``."""
+    """``L_simple(y0) + w L_cdcd``, ``w = train.cdcd_weight``; one U-Net call of ``(K+1)B``.
+
+    ``L_cdcd`` (CDCD's contrastive diffusion loss, the intra-negative reading: the item's markup paired with other
+    images) scores each pair by its unweighted ``L_simple`` summed over pixels, so it is bounded below by 0. CDCD
+    adds it to an ELBO summed over dimensions; the per-pixel ``L_simple`` here is that sum over ``pixels``, so the
+    term is divided by ``pixels`` too and ``w`` keeps CDCD's ratio of the two."""
     k, b = params.train.num_negatives, batch.images.shape[0]
     y_t = sched.add_noise(batch.images, batch.noise, batch.timesteps)
     y_neg, eps_neg, t_neg, idx_neg, valid = _negative_views(batch, sched, k)
@@ -310,12 +322,15 @@ def cdcd_loss(
     eps_pred, hcma = _eps_and_hcma(out, terms)
     per_item = weighted_simple_loss(eps_pred[:b], batch.noise, batch.timesteps, sched, params)
     neg = simple_loss(eps_pred[b:], eps_neg).view(b, k)
+    pixels = batch.images[0].numel()
+    contrast = contrastive_diffusion_loss(simple_loss(eps_pred[:b], batch.noise), neg, pixels, valid)
     w = valid.to(neg.dtype)
     neg_mean = ((neg * w).sum(1) / w.sum(1).clamp(min=1)).mean()
-    loss = per_item.mean() - params.train.cdcd_weight * neg_mean
+    loss = per_item.mean() + params.train.cdcd_weight * contrast / pixels
     return _plus(loss, hcma), terms | {
         "loss_simple": per_item.mean().item(),
         "loss_negative": neg_mean.item(),
+        "loss_cdcd": contrast.item(),
         "per_item": per_item.detach(),
     }
 
