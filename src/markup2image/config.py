@@ -214,6 +214,9 @@ class Params:
     beta: float = 0.02
     tau: float = 0.1
     infonce_weight: float = 0.0  # weight of L_infonce (paper eq. 10: 1; why 0: diffusion/objectives.py)
+    # InfoNCE's negatives: the other items' views, each with its own markup (SimCLR same-batch sampling, the
+    # paper's citation), or the K negative images paired with the anchor's own markup (docs/decisions.md §4)
+    infonce_negatives: Literal["other_items", "own_markup"] = "other_items"
     domains: tuple[str, ...] = ("math",)
     domain: dict[str, DomainConfig] = field(default_factory=_default_domain_configs)
     data: DataConfig = field(default_factory=DataConfig)

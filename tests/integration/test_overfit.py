@@ -68,8 +68,18 @@ def _tokens(formulas: list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
     return ids, mask, len(vocab) + 1
 
 
-def _train(objective: str, switches: dict, num_negatives: int, infonce_weight: float):
-    """Train on the four formulas; returns (EMA model, params, scheduler, golds, ids, mask, images, last terms)."""
+def _train(
+    objective: str,
+    switches: dict,
+    num_negatives: int,
+    infonce_weight: float,
+    seed: int = 0,
+    infonce_negatives: str = "other_items",
+):
+    """Train on the four formulas; returns (EMA model, params, scheduler, golds, ids, mask, images, last terms).
+
+    ``seed`` changes the initialisation and every step's noise, timesteps and negatives (seed 0: the runs quoted).
+    """
     torch.set_num_threads(1)
     golds = np.stack([_render(f) for f in FORMULAS])  # (4, H, W) uint8
     assert (golds < 150).sum(axis=(1, 2)).min() > 10  # every formula has ink
@@ -87,8 +97,14 @@ def _train(objective: str, switches: dict, num_negatives: int, infonce_weight: f
         **switches,
     )
     train = TrainConfig(steps=STEPS, objective=objective, num_negatives=num_negatives)
-    params = Params(model=cfg, diffusion=DiffusionConfig(), train=train, infonce_weight=infonce_weight)
-    torch.manual_seed(0)
+    params = Params(
+        model=cfg,
+        diffusion=DiffusionConfig(),
+        train=train,
+        infonce_weight=infonce_weight,
+        infonce_negatives=infonce_negatives,
+    )
+    torch.manual_seed(seed)
     model = MarkupToImageModel(model_cfg=cfg, image=DomainConfig(height=HEIGHT, width=WIDTH), vocab_size=vocab_size)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -99,7 +115,7 @@ def _train(objective: str, switches: dict, num_negatives: int, infonce_weight: f
     images = torch.from_numpy(golds.astype(np.float32) / 127.5 - 1)[:, None].repeat(REPEAT, 1, 1, 1)
     model.train()
     for step in range(STEPS):
-        g = torch.Generator().manual_seed(step)
+        g = torch.Generator().manual_seed(step + 100_003 * seed)
         batch = TrainBatch(
             images=images,
             input_ids=input_ids.repeat(REPEAT, 1),

@@ -10,6 +10,7 @@ from markup2image.diffusion.losses import (
     fine_grained_alignment_loss,
     info_nce_loss,
     negative_elbo_penalty,
+    same_batch_info_nce_loss,
     simple_loss,
 )
 
@@ -86,3 +87,20 @@ def test_info_nce_items_without_negatives_are_left_out_and_finite():
     assert math.isclose(loss.item(), math.log(1 + math.exp(-1)), abs_tol=1e-6)
     loss.backward()
     assert torch.isfinite(anchor.grad).all()
+
+
+def test_same_batch_info_nce_uses_the_other_items_views():
+    # three items; items 1 and 2 share a markup key, so they are not each other's negatives
+    anchor = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 2.0]])
+    positive = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    keys = torch.tensor([7, 8, 8])
+    loss = same_batch_info_nce_loss(anchor, positive, keys, tau=1.0)
+    # item 0: pos a0.p0 = 1; negatives a0.a1 = a0.a2 = a0.p1 = 0 and a0.p2 = 1
+    l0 = -math.log(math.e / (math.e + 1 + 1 + 1 + math.e))
+    # item 1: pos a1.p1 = 1; negatives (item 0 only) a1.a0 = 0, a1.p0 = 0
+    l1 = -math.log(math.e / (math.e + 1 + 1))
+    # item 2: pos a2.p2 = 0 (normalised (0,1).(1,0)); negatives a2.a0 = 0, a2.p0 = 0
+    l2 = -math.log(1 / 3)
+    assert math.isclose(loss.item(), (l0 + l1 + l2) / 3, abs_tol=1e-6)
+    # an item whose every other item shares its markup is left out; all alike -> no term at all
+    assert same_batch_info_nce_loss(anchor, positive, torch.tensor([1, 1, 1]), tau=1.0).item() == 0.0

@@ -222,10 +222,14 @@ def test_fsa_cdm_pairs_negatives_with_the_anchor_markup():
     assert torch.equal(text_index[8:], torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
 
 
-def test_fsa_cdm_gradients_reach_every_trainable_module():
+@pytest.mark.parametrize("reading", ["other_items", "own_markup"])
+def test_fsa_cdm_gradients_reach_every_trainable_module(reading):
     model = _model(fsa=True, con_aug=True, ccam=True)
-    params = dataclasses.replace(_params(model), infonce_weight=1.0)
-    loss, _ = get_objective("fsa_cdm")(model, _batch(b=4, keys=[1, 2, 3, 4]), SCHED, params, 0)
+    params = dataclasses.replace(_params(model), infonce_weight=1.0, infonce_negatives=reading)
+    loss, terms = get_objective("fsa_cdm")(model, _batch(b=4, keys=[1, 2, 3, 4]), SCHED, params, 0)
+    expected = terms["loss_simple"] + terms["loss_positive"] + params.contrastive_weight * terms["loss_eubo"]
+    expected += terms["loss_infonce"] + params.beta * terms["loss_fa"]
+    assert math.isclose(loss.item(), expected, rel_tol=1e-5)
     loss.backward()
     missing = [
         n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)
@@ -316,3 +320,19 @@ def test_every_objective_adds_the_hcma_loss_on_its_y_t(name, switches):
         assert all(p.grad is not None for p in part.parameters())
     assert model.hcma.local_head.out[-1].weight.grad.abs().sum() > 0
     assert model.hcma.global_head.mlp[-1].weight.grad.abs().sum() > 0
+
+
+def test_infonce_readings_pick_different_negatives():
+    """other_items: 2(B-1) views of the other items (their own markup); own_markup: the K negative images with the
+    anchor's markup. Same batch, same model, different InfoNCE values; with every key alike other_items has none."""
+    model = _model(fsa=True, con_aug=True, ccam=True)
+    values = {}
+    for reading in ("other_items", "own_markup"):
+        params = dataclasses.replace(_params(model), infonce_weight=1.0, infonce_negatives=reading)
+        _, terms = get_objective("fsa_cdm")(model, _batch(b=4, keys=[1, 2, 3, 4]), SCHED, params, 0)
+        values[reading] = terms["loss_infonce"]
+    assert values["other_items"] > 0 and values["own_markup"] > 0
+    assert not math.isclose(values["other_items"], values["own_markup"], rel_tol=1e-3)
+    params = dataclasses.replace(_params(model), infonce_weight=1.0)
+    _, terms = get_objective("fsa_cdm")(model, _batch(b=4, keys=[1, 1, 1, 1]), SCHED, params, 0)
+    assert terms["loss_infonce"] == 0.0

@@ -4,6 +4,7 @@
 * :func:`fine_grained_alignment_loss`: FSA-CDM's ``L_fa`` over the valid markup tokens.
 * :func:`negative_elbo_penalty`: the EUBO-side term ``mean_k exp(-2 L_simple(negative_k))`` of eq. 10.
 * :func:`info_nce_loss`: InfoNCE of an anchor against one positive and K (maskable) negatives.
+* :func:`same_batch_info_nce_loss`: InfoNCE whose negatives are the other items' views (SimCLR's same batch).
 * :func:`contrastive_diffusion_loss`: CDCD's contrastive term, InfoNCE whose scores are the negative denoising losses.
 """
 
@@ -103,6 +104,23 @@ def info_nce_loss(
     if negative_mask is None:
         negative_mask = torch.ones(neg.shape, dtype=torch.bool, device=neg.device)
     return _nce(pos, neg, negative_mask)
+
+
+def same_batch_info_nce_loss(
+    anchor: torch.Tensor, positive: torch.Tensor, markup_keys: torch.Tensor, tau: float
+) -> torch.Tensor:
+    """InfoNCE with SimCLR's same-batch negatives: for anchor ``i`` the positive is ``positive_i`` and the negatives
+    are the anchors and positives of every item ``j`` whose markup key differs (each view conditioned on its own
+    markup), so telling them apart never asks the denoiser to ignore the markup.
+
+    ``anchor``, ``positive``: ``[B, P]``; ``markup_keys``: ``[B]``. Items without any differing item are left out.
+    """
+    a = F.normalize(anchor.float(), dim=-1)
+    p = F.normalize(positive.float(), dim=-1)
+    pos = (a * p).sum(-1, keepdim=True) / tau  # (B, 1)
+    neg = a @ torch.cat([a, p]).T / tau  # (B, 2B): other anchors, then other positives
+    differ = markup_keys[:, None] != markup_keys[None, :]  # (B, B)
+    return _nce(pos, neg, torch.cat([differ, differ], dim=1))
 
 
 def _nce(pos: torch.Tensor, neg: torch.Tensor, negative_mask: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,7 @@ from markup2image.diffusion.losses import (
     info_nce_loss,
     negative_elbo_penalty,
     prediction_loss_weights,
+    same_batch_info_nce_loss,
     simple_loss,
 )
 from markup2image.diffusion.sampling import scheduler_config
@@ -384,7 +385,10 @@ def fsa_cdm_loss(
         neg_simple = simple_loss(out.sample[2 * b :], eps_neg).view(b, k)  # EUBO: the plain L_simple of eq. 10
         z = out.mid_projection
         penalty = negative_elbo_penalty(neg_simple, valid)
-        nce = info_nce_loss(z[:b], z[b : 2 * b], z[2 * b :].view(b, k, -1), params.tau, valid)
+        if params.infonce_negatives == "other_items":
+            nce = same_batch_info_nce_loss(z[:b], z[b : 2 * b], batch.markup_keys, params.tau)
+        else:
+            nce = info_nce_loss(z[:b], z[b : 2 * b], z[2 * b :].view(b, k, -1), params.tau, valid)
         loss = per_item.mean() + pos_simple.mean() + params.contrastive_weight * penalty + params.infonce_weight * nce
         terms |= {"loss_positive": pos_simple.mean().item(), "loss_eubo": penalty.item(), "loss_infonce": nce.item()}
         terms["negatives_valid"] = valid.float().mean().item()
