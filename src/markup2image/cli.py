@@ -202,6 +202,28 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recipe(args: argparse.Namespace) -> int:
+    """Print (or queue, or check) the ``dvc exp run -S ...`` of each recipe file."""
+    import shlex
+    import subprocess
+
+    from markup2image.recipes import dvc_command, recipe_check
+
+    for recipe in args.recipes:
+        if args.check:
+            _emit(recipe_check(recipe, args.params), None)
+            continue
+        cmd = dvc_command(recipe, queue=args.queue or args.print_queue)
+        print(shlex.join(cmd))
+        if args.queue:
+            proc = subprocess.run(cmd)
+            if proc.returncode != 0:
+                raise SystemExit(f"error: {recipe}: dvc exp run --queue failed (exit {proc.returncode})")
+    if args.queue:
+        print("queued; run them with: dvc exp run --run-all (then dvc exp show / dvc metrics diff)")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     params = _params(args.params)
     if args.what == "metrics":
@@ -358,6 +380,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     su.add_argument("--out", type=Path)
     su.set_defaults(fn=cmd_summary)
+
+    rc = sub.add_parser("recipe", help="paper recipes (configs/paper/<domain>.yaml) as dvc exp run -S overrides")
+    rc.add_argument("recipes", nargs="+", type=Path, help="recipe files, e.g. configs/paper/*.yaml")
+    rc.add_argument("--queue", action="store_true", help="run `dvc exp run --queue -S ...` for each recipe")
+    rc.add_argument("--print-queue", action="store_true", help="print the --queue commands without running them")
+    rc.add_argument(
+        "--check", action="store_true", help="validate each recipe and build its model on the meta device (JSON)"
+    )
+    rc.set_defaults(fn=cmd_recipe)
 
     b = sub.add_parser("bench", help="benchmarks (JSON out)")
     b.add_argument("what", choices=["metrics", "render", "sample", "steps", "train", "curve"])

@@ -106,6 +106,9 @@ class ModelConfig:
     encoder_layers: int = 2
     encoder_heads: int = 4
     pretrained_encoder: str = ""
+    # pretrained encoder only: trainable transformer layers after the frozen LM (0: the LM's last hidden states as
+    # they are, projected only if encoder_dim differs from its width; SS-DM feeds GPT-Neo's states straight in)
+    encoder_adapter_layers: int = 1
     max_text_length: int = 128
     position_embeddings: bool = True
     position_init: Literal["random", "sinusoidal"] = "random"  # starting point of the learned position tables
@@ -136,6 +139,9 @@ class DiffusionConfig:
 class TrainConfig:
     objective: Literal["ddpm", "ss_dm", "cdcd", "fsa_cdm"] = "ddpm"
     steps: int = 400
+    # > 0: train this many passes over the training split instead; takes precedence over steps, which becomes
+    # ceil(epochs * train items / batch_size) when training starts (logged), e.g. the paper's 100 epochs
+    epochs: float = 0.0
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 1e-3
@@ -336,10 +342,15 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return params_from_dict(raw)
 
 
+def draws_negatives(p: Params) -> bool:
+    """Whether the objective draws negatives (``cdcd``; ``fsa_cdm`` with the contrast-augmented terms)."""
+    return p.train.objective == "cdcd" or (p.train.objective == "fsa_cdm" and p.model.con_aug)
+
+
 def check_batch_split(p: Params, processes: int) -> None:
     """The global ``train.batch_size`` must split evenly into ``processes`` x ``train.grad_accum`` micro-batches,
     and the objectives that draw negatives (``cdcd``; ``fsa_cdm`` with ``model.con_aug``) need more items per
-    process micro-batch than ``train.num_negatives``.
+    global micro-batch (every process's share: negatives are drawn across processes) than ``train.num_negatives``.
 
     Called by :func:`validate` with ``train.num_processes`` and again by training with the real process count
     (an accelerate config file may set another one)."""
@@ -349,12 +360,11 @@ def check_batch_split(p: Params, processes: int) -> None:
             f"train.batch_size: {t.batch_size} is not divisible by processes x train.grad_accum "
             f"({processes} x {t.grad_accum}); the batch size is global, so make it a multiple of that product"
         )
-    local = t.batch_size // (processes * t.grad_accum)
-    negatives = t.objective == "cdcd" or (t.objective == "fsa_cdm" and p.model.con_aug)
-    if negatives and t.num_negatives >= local:
+    micro = t.batch_size // t.grad_accum  # the global micro-batch: negatives come from every process's share
+    if draws_negatives(p) and t.num_negatives >= micro:
         raise ConfigError(
-            f"train.num_negatives: {t.num_negatives} negatives need a per-process micro-batch larger than that "
-            f"(train.batch_size / (processes x train.grad_accum) = {local}); lower it or raise train.batch_size"
+            f"train.num_negatives: {t.num_negatives} negatives need a global micro-batch larger than that "
+            f"(train.batch_size / train.grad_accum = {micro}); lower it or raise train.batch_size"
         )
 
 
@@ -382,7 +392,7 @@ def validate(p: Params) -> None:
     for key in ("steps", "batch_size", "grad_accum", "num_processes", "checkpoint_every", "log_every"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key}: must be at least 1, got {getattr(t, key)}")
-    for key in ("sample_every", "keep_checkpoints", "warmup_steps"):
+    for key in ("sample_every", "keep_checkpoints", "warmup_steps", "epochs"):
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key}: must be 0 or more, got {getattr(t, key)}")
     check_batch_split(p, t.num_processes)

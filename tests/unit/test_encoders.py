@@ -54,6 +54,19 @@ def test_pretrained_encoder_is_frozen_with_a_trainable_adapter(minilm_tokenizer)
     assert all(p.grad is None for p in enc.lm.parameters())
 
 
+def test_pretrained_encoder_without_adapter_passes_the_lm_states(minilm_tokenizer):
+    """``encoder_adapter_layers: 0`` at the LM's width (SS-DM): the U-Net sees the LM's last hidden states."""
+    width = 384  # MiniLM-L6's hidden size
+    enc = PretrainedMarkupEncoder(path_or_id=MINILM, dim=width, num_adapter_layers=0).eval()
+    assert not any(p.requires_grad for p in enc.parameters())
+    batch = minilm_tokenizer([r"\frac{a}{b}", r"x^{2} + y_{i}"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        states = enc.lm(**batch).last_hidden_state * batch["attention_mask"][..., None]
+        torch.testing.assert_close(enc(batch["input_ids"], batch["attention_mask"]), states)
+    projected = PretrainedMarkupEncoder(path_or_id=MINILM, dim=32, num_adapter_layers=0)
+    assert [n for n, p in projected.named_parameters() if p.requires_grad] == ["proj.weight", "proj.bias"]
+
+
 def test_pretrained_encoder_output_does_not_depend_on_padding(minilm_tokenizer):
     enc = PretrainedMarkupEncoder(path_or_id=MINILM, dim=32, num_heads=4).eval()
     short = r"\alpha + \beta"

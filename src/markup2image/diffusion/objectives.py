@@ -36,8 +36,8 @@ HCMA (design §8): when the batch carries ``hcma`` (the model has an HCMA module
 (for ``ss_dm`` the rolled-out ``y_t``), computed inside that same ``forward`` call; its terms are logged as
 ``hcma_global``, ``hcma_local`` and ``hcma_boxes``. Without it, the model calls are exactly those of before.
 
-Negatives (``cdcd``, ``fsa_cdm``): for each item, ``train.num_negatives`` other images of the same batch whose
-markup key differs, each paired with the item's own markup, noised at the item's ``t`` with fresh noise. When an
+Negatives (``cdcd``, ``fsa_cdm``): for each item, ``train.num_negatives`` other images of the global micro-batch
+(every process's share: ``TrainBatch.negative_pool``; on one process the batch itself) whose markup key differs, each paired with the item's own markup, noised at the item's ``t`` with fresh noise. When an
 item has fewer than K such images, :func:`choose_negatives` cycles through a random order of the valid ones
 (sampling with replacement, spread evenly); an item with none gets its negatives masked out of every term.
 """
@@ -45,7 +45,7 @@ item has fewer than K such images, :func:`choose_negatives` cycles through a ran
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +66,7 @@ from markup2image.models.model import DenoiserOutput
 
 __all__ = [
     "OBJECTIVES",
+    "NegativePool",
     "TrainBatch",
     "augment_positive",
     "cdcd_loss",
@@ -88,7 +89,9 @@ class TrainBatch:
     images: ``y0 [B, C, H, W]`` in [-1, 1]; input_ids / attention_mask: ``[B, N]``; markup_keys: one int per
     item identifying its markup (equal markup -> equal key), for choosing negatives; noise: ``eps [B, C, H, W]``;
     timesteps: ``[B]`` int64; generator: for any further randomness the objective needs; hcma: layouts and the
-    translation generator for the HCMA loss (None: the model has no HCMA module).
+    translation generator for the HCMA loss (None: the model has no HCMA module); negative_pool: the images and
+    markup keys of the whole global micro-batch (every process's share), where negatives are drawn from (None:
+    this share itself, as on one process).
     """
 
     images: torch.Tensor
@@ -98,8 +101,16 @@ class TrainBatch:
     noise: torch.Tensor
     timesteps: torch.Tensor
     generator: torch.Generator | None = None
-    extras: dict = field(default_factory=dict)
     hcma: HcmaBatch | None = None
+    negative_pool: NegativePool | None = None
+
+
+@dataclass
+class NegativePool:
+    """Where negatives come from: ``images [G, C, H, W]`` and ``markup_keys [G]`` of the global micro-batch."""
+
+    images: torch.Tensor
+    markup_keys: torch.Tensor
 
 
 def _hcma_kwargs(batch: TrainBatch) -> dict:
@@ -234,25 +245,30 @@ def ss_dm_loss(
 
 
 def choose_negatives(
-    markup_keys: torch.Tensor, k: int, generator: torch.Generator | None = None
+    markup_keys: torch.Tensor,
+    k: int,
+    generator: torch.Generator | None = None,
+    pool_keys: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each item, ``k`` batch indices whose markup key differs from the item's.
+    """For each item, ``k`` indices of the pool (default: the batch itself) whose markup key differs from the item's.
 
     Valid candidates are visited in a random order; with fewer than ``k`` of them the order repeats (sampling with
-    replacement, spread evenly). An item without any valid candidate gets its own index with mask False.
+    replacement, spread evenly). An item without any valid candidate gets index 0 with mask False.
 
-    Returns ``index [B, k]`` (long) and ``valid [B, k]`` (bool), on ``markup_keys``' device.
+    Returns ``index [B, k]`` (long, into the pool) and ``valid [B, k]`` (bool), on ``markup_keys``' device.
     """
     keys = markup_keys.cpu()
-    b = keys.shape[0]
-    differ = keys[:, None] != keys[None, :]  # (B, B)
-    scores = _rand((b, b), generator).masked_fill(~differ, -1.0)  # valid in [0, 1), invalid -1
+    pool = keys if pool_keys is None else pool_keys.cpu()
+    b, g = keys.shape[0], pool.shape[0]
+    differ = keys[:, None] != pool[None, :]  # (B, G)
+    scores = _rand((b, g), generator).masked_fill(~differ, -1.0)  # valid in [0, 1), invalid -1
     order = scores.argsort(dim=1, descending=True)  # valid candidates first, in random order
     count = differ.sum(1)  # (B,)
     pos = torch.arange(k)[None, :] % count.clamp(min=1)[:, None]  # (B, k)
     index = order.gather(1, pos)
     valid = (count > 0)[:, None].expand(b, k)
-    index = torch.where(valid, index, torch.arange(b)[:, None].expand(b, k))
+    fallback = torch.arange(b)[:, None].expand(b, k) if pool_keys is None else torch.zeros(b, k, dtype=torch.long)
+    index = torch.where(valid, index, fallback)
     return index.to(markup_keys.device), valid.to(markup_keys.device)
 
 
@@ -289,9 +305,14 @@ def _negative_views(
     batch: TrainBatch, sched: DDPMScheduler, k: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Noisy negatives ``[B*k, C, H, W]`` (item-major), noise, timesteps ``[B*k]``, text index, mask ``[B, k]``."""
-    index, valid = choose_negatives(batch.markup_keys, k, batch.generator)
+    pool = batch.negative_pool
+    if pool is None:
+        index, valid = choose_negatives(batch.markup_keys, k, batch.generator)
+        y0_neg = batch.images[index.flatten()]  # (B*k, C, H, W)
+    else:
+        index, valid = choose_negatives(batch.markup_keys, k, batch.generator, pool.markup_keys)
+        y0_neg = pool.images[index.flatten()]
     b = batch.images.shape[0]
-    y0_neg = batch.images[index.flatten()]  # (B*k, C, H, W)
     eps_neg = _randn(tuple(y0_neg.shape), batch.generator, y0_neg)
     t_neg = batch.timesteps.repeat_interleave(k)
     text_index = torch.arange(b, device=batch.images.device).repeat_interleave(k)  # paired with the item's markup

@@ -53,7 +53,8 @@ class PretrainedMarkupEncoder(nn.Module):
     The paper uses GPT-Neo-125M (math, tables, music) and ChemBERTa-77M-MLM (molecules). The LM's own tokenizer
     must be used with it (``tokenize.pretrained`` = the same path or id). The LM stays frozen and in eval mode
     (``requires_grad=False``, no dropout); the adapter (``Linear(H, D)`` + ``num_adapter_layers`` transformer
-    layers + LayerNorm) is trained. Padded positions of the output are zeroed.
+    layers + LayerNorm) is trained. ``num_adapter_layers=0``: no adapter, the LM's last hidden states go to the
+    U-Net as they are (SS-DM), through ``Linear(H, D)`` only where ``D != H``. Padded positions are zeroed.
 
     Args:
         path_or_id: a local folder or hub id for ``transformers.AutoModel.from_pretrained``.
@@ -75,6 +76,11 @@ class PretrainedMarkupEncoder(nn.Module):
         self.lm.eval()
         hidden = self.lm.config.hidden_size
         self.dim = dim
+        self.adapter: nn.Module | None = None
+        if num_adapter_layers == 0:
+            self.proj: nn.Module = nn.Identity() if dim == hidden else nn.Linear(hidden, dim)
+            self.norm: nn.Module = nn.Identity()
+            return
         self.proj = nn.Linear(hidden, dim)
         layer = nn.TransformerEncoderLayer(
             d_model=dim, nhead=num_heads, dim_feedforward=4 * dim, dropout=0.0, batch_first=True, norm_first=True
@@ -91,5 +97,6 @@ class PretrainedMarkupEncoder(nn.Module):
         with torch.no_grad():
             h = self.lm(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, N, H)
         h = self.proj(h)
-        h = self.adapter(h, src_key_padding_mask=attention_mask == 0)
+        if self.adapter is not None:
+            h = self.adapter(h, src_key_padding_mask=attention_mask == 0)
         return self.norm(h) * attention_mask[..., None].to(h.dtype)

@@ -60,6 +60,7 @@ def build_encoder(cfg: ModelConfig, vocab_size: int, pad_id: int, load_pretraine
         return PretrainedMarkupEncoder(
             path_or_id=cfg.pretrained_encoder,
             dim=cfg.encoder_dim,
+            num_adapter_layers=cfg.encoder_adapter_layers,
             num_heads=cfg.encoder_heads,
             load_weights=load_pretrained,
         )

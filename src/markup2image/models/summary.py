@@ -134,6 +134,44 @@ def count_parameters(model: MarkupToImageModel) -> dict:
     return out
 
 
+def _meta_model(params: Params, domain: str, vocab_size: int, size: str = "params") -> MarkupToImageModel:
+    """The model of ``params`` at ``size`` for ``domain``, built on the meta device (no memory, no weights)."""
+    cfg = sized_model_config(params.model, size)
+    with torch.device("meta"):
+        return MarkupToImageModel(
+            model_cfg=cfg,
+            image=params.domain_config(domain),
+            vocab_size=vocab_size,
+            load_pretrained=False,
+            hcma=params.hcma,
+        )
+
+
+def attention_layout(params: Params, domain: str, size: str = "params") -> dict:
+    """Where the U-Net attends to the markup: cross-attention sites (CCAM and plain), their levels, feature-map
+    sizes and head counts (diffusers' ``attention_head_dim`` is the head count of ``UNet2DConditionModel``)."""
+    from markup2image.models.unet_parts import transformer_sites
+
+    model = _meta_model(params, domain, 512, size)
+    sites = [s for s in transformer_sites(model.unet, model.image) if s.block.attn2 is not None]
+    rows = []
+    for site in sites:
+        processor = type(site.block.attn2.processor).__name__
+        rows.append(
+            {
+                "site": site.name,
+                "level": site.level,
+                "size": [site.height, site.width],
+                "heads": site.block.attn2.heads,
+                "head_dim": site.channels // site.block.attn2.heads,
+                "ccam": isinstance(site.block.attn2.processor, ContextAwareCrossAttention),
+                "processor": processor,
+            }
+        )
+    ccam = sum(r["ccam"] for r in rows)
+    return {"cross_attention_sites": len(rows), "ccam": ccam, "plain": len(rows) - ccam, "sites": rows}
+
+
 def parameter_summary(params: Params, domain: str, vocab_size: int, size: str = "params") -> dict:
     """Parameter counts of the model that ``params`` (``params.model`` at ``size``) builds for ``domain``.
 
@@ -143,10 +181,7 @@ def parameter_summary(params: Params, domain: str, vocab_size: int, size: str = 
     """
     cfg = sized_model_config(params.model, size)
     image = params.domain_config(domain)
-    with torch.device("meta"):
-        model = MarkupToImageModel(
-            model_cfg=cfg, image=image, vocab_size=vocab_size, load_pretrained=False, hcma=params.hcma
-        )
+    model = _meta_model(params, domain, vocab_size, size)
     summary = count_parameters(model)
     summary["config"] = {
         "size": size,

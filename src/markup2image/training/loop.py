@@ -28,6 +28,7 @@ every ``train.sample_every`` steps a grid of EMA samples of a few train markups 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -49,9 +50,10 @@ from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from markup2image.config import Params, TrainConfig, check_batch_split, to_dict
+from markup2image.config import Params, TrainConfig, check_batch_split, draws_negatives, to_dict
 from markup2image.data.dataset import MarkupImageDataset, collate
-from markup2image.diffusion.objectives import ObjectiveFn, TrainBatch, get_objective, noise_scheduler
+from markup2image.diffusion.objectives import NegativePool, ObjectiveFn, TrainBatch, get_objective, noise_scheduler
+from markup2image.io import read_jsonl
 from markup2image.models.hcma import HcmaBatch
 from markup2image.models.model import MarkupToImageModel
 from markup2image.text.tokenizer import TOKENIZER_FILE, load_tokenizer, pad_id
@@ -391,11 +393,27 @@ def _resume(run: _Run, paths: TrainPaths, fingerprint: str) -> int:
     return start
 
 
+def steps_for_epochs(params: Params, num_items: int) -> Params:
+    """``params`` with ``train.steps = ceil(train.epochs * num_items / train.batch_size)`` where ``train.epochs > 0``
+    (the epochs take precedence); unchanged otherwise. ``train.batch_size`` is the global batch."""
+    cfg = params.train
+    if cfg.epochs <= 0:
+        return params
+    steps = max(1, math.ceil(cfg.epochs * num_items / cfg.batch_size))
+    log.info(
+        "train.epochs %g x %d training items / global batch %d = %d optimizer steps (train.steps %d not used)",
+        cfg.epochs, num_items, cfg.batch_size, steps, cfg.steps,
+    )  # fmt: skip
+    return dataclasses.replace(params, train=dataclasses.replace(cfg, steps=steps))
+
+
 def train(params: Params, domain: str, paths: TrainPaths, max_steps: int | None = None) -> dict:
     """Train (or resume) and write ``paths.model`` with the EMA weights. Returns a summary dict.
 
     ``max_steps`` stops after that many optimizer steps in this call (a checkpoint is written at the stop).
+    With ``train.epochs > 0`` the number of steps comes from the epochs (:func:`steps_for_epochs`).
     """
+    params = steps_for_epochs(params, len(read_jsonl(paths.rendered / "train.jsonl")))
     cfg = params.train
     acc = _accelerator(params)
     run = _prepare(params, domain, paths, acc)
@@ -466,6 +484,7 @@ def _train_step(run: _Run, params: Params, step: int, terms_acc: dict[str, tuple
             timesteps=share.timesteps.to(acc.device),
             generator=extras_generator(cfg.seed, step, micro, rank),
             hcma=_hcma_batch(net, data, hcma_generator(cfg.seed, step, micro, rank), acc.device),
+            negative_pool=_negative_pool(run, params, gidx, micro, world, acc.device),
         )
         # DDP all-reduces gradients in the backward of the last micro-step only (no_sync is a no-op without DDP)
         sync = micro == cfg.grad_accum - 1
@@ -482,6 +501,20 @@ def _train_step(run: _Run, params: Params, step: int, terms_acc: dict[str, tuple
     run.opt.zero_grad(set_to_none=True)
     if not acc.optimizer_step_was_skipped:
         run.ema.step(run.trainable)
+
+
+def _negative_pool(
+    run: _Run, params: Params, gidx: np.ndarray, micro: int, world: int, device: Any
+) -> NegativePool | None:
+    """The images and markup keys of the whole global micro-batch ``micro`` (every process's share, read by each
+    process from the dataset: no communication), so negatives and K do not depend on the process count. None on
+    one process (the share is the micro-batch) or for objectives without negatives."""
+    if world == 1 or not draws_negatives(params):
+        return None
+    size = params.train.batch_size // params.train.grad_accum
+    items = [run.dataset[int(i)] for i in gidx[micro * size : (micro + 1) * size]]
+    data = collate(items, pad_id=run.net.pad_id)
+    return NegativePool(data["images"].to(device), data["markup_keys"].to(device))
 
 
 def _clip_gradients(run: _Run, max_norm: float) -> None:
