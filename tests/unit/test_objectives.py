@@ -14,6 +14,7 @@ from markup2image.config import HcmaConfig, Params, TrainConfig
 from markup2image.diffusion.losses import contrastive_diffusion_loss
 from markup2image.diffusion.objectives import (
     OBJECTIVES,
+    NegativePool,
     TrainBatch,
     augment_positive,
     choose_negatives,
@@ -336,3 +337,41 @@ def test_infonce_readings_pick_different_negatives():
     params = dataclasses.replace(_params(model), infonce_weight=1.0)
     _, terms = get_objective("fsa_cdm")(model, _batch(b=4, keys=[1, 1, 1, 1]), SCHED, params, 0)
     assert terms["loss_infonce"] == 0.0
+
+
+def test_negatives_come_from_the_global_micro_batch_in_the_same_distribution():
+    """Two processes holding 2 items each draw K = 3 negatives per item from the global micro-batch of 4 (the pool),
+    as one process holding all 4 does: every item's negatives spread evenly over the other-markup items of the
+    global batch, whichever process holds it (K = 3 > 2 items per process would not fit a per-shard choice)."""
+    keys = torch.tensor([10, 11, 12, 10])  # items 0 and 3 share a markup
+    k, trials = 3, 3000
+    counts = {world: torch.zeros(4, 4) for world in (1, 2)}
+    for trial in range(trials):
+        g = torch.Generator().manual_seed(trial)
+        index, valid = choose_negatives(keys, k, g)  # one process: its batch is the pool
+        counts[1].index_put_((torch.arange(4)[:, None].expand(4, k), index), torch.ones(4, k), accumulate=True)
+        for rank in (0, 1):
+            share = keys[2 * rank : 2 * rank + 2]
+            index, valid = choose_negatives(share, k, torch.Generator().manual_seed(trial + rank), pool_keys=keys)
+            assert valid.all()
+            rows = (torch.arange(2)[:, None] + 2 * rank).expand(2, k)
+            counts[2].index_put_((rows, index), torch.ones(2, k), accumulate=True)
+    for world in (1, 2):
+        freq = counts[world] / (trials * k)
+        differ = (keys[:, None] != keys[None, :]).float()
+        assert torch.equal(freq > 0, differ > 0)  # never an item with the anchor's markup, every other one
+        expected = differ / differ.sum(1, keepdim=True)
+        assert (freq - expected).abs().max() < 0.03, f"world {world}: {freq}"
+
+
+def test_objectives_draw_negative_images_from_the_pool():
+    """With a pool, the negative views are pool images: here a constant image the batch does not hold."""
+    model = RecordingDenoiser()
+    batch = _batch(b=2, keys=[1, 2], t=[0, 0])  # t = 0: a noisy view is its clean image to ~1%
+    pool = NegativePool(torch.full((3, 1, IMAGE.height, IMAGE.width), 0.25), torch.tensor([1, 2, 3]))
+    params = _params(_model(), num_negatives=2)
+    get_objective("cdcd")(model, dataclasses.replace(batch, negative_pool=pool), SCHED, params, 0)
+    sample = model.calls[0][0]  # [y_t (B); negatives (B*k)]
+    assert sample.shape[0] == 2 + 2 * 2
+    assert (sample[2:] - 0.25).abs().max() < 0.1
+    assert (sample[:2] - 0.25).abs().max() > 0.5  # the anchors are the batch's own (random) images

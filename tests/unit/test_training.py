@@ -72,6 +72,34 @@ def test_shares_put_together_equal_the_one_process_batch(world, grad_accum):
     assert torch.equal(whole.noise, noise) and torch.equal(whole.timesteps, timesteps)
 
 
+@pytest.mark.parametrize(("world", "grad_accum"), [(2, 1), (4, 2)])
+def test_negative_pool_is_the_global_micro_batch_holding_every_share(world, grad_accum):
+    """Each process's negative pool is micro-batch ``micro`` of the global batch: the union of all processes'
+    shares of it (so K may exceed a process's share); one process, or an objective without negatives, has none."""
+    from types import SimpleNamespace
+
+    from markup2image.training.loop import _negative_pool
+
+    items = [(torch.full((1, 2, 2), float(i)), torch.tensor([i + 1]), 100 + i) for i in range(16)]
+    run = SimpleNamespace(dataset=items, net=SimpleNamespace(pad_id=0))
+    raw = tiny_params_dict()
+    raw["train"] |= {"batch_size": 8, "grad_accum": grad_accum, "num_processes": world, "objective": "cdcd"}
+    raw["train"]["num_negatives"] = 8 // grad_accum - 1
+    params = params_from_dict(raw)
+    cfg = params.train
+    gidx = BatchIndexer(16, seed=0)(5, cfg.batch_size)
+    for micro in range(grad_accum):
+        pool = _negative_pool(run, params, gidx, micro, world, "cpu")
+        shares = [micro_batch_share(cfg, gidx, 5, micro, r, world, (1, 2, 2), 1000).indices for r in range(world)]
+        union = np.concatenate(shares)
+        assert pool.markup_keys.tolist() == [100 + int(i) for i in union]
+        assert pool.images[:, 0, 0, 0].tolist() == [float(i) for i in union]
+        assert cfg.num_negatives >= len(shares[0])  # more negatives than one process holds
+    assert _negative_pool(run, params, gidx, 0, 1, "cpu") is None
+    raw["train"]["objective"] = "ddpm"
+    assert _negative_pool(run, params_from_dict(raw), gidx, 0, world, "cpu") is None
+
+
 def test_noise_differs_between_steps_items_and_seeds():
     n0, t0 = draw_noise(0, 0, np.arange(64), (1, 4, 4), 1000)
     n1, _ = draw_noise(1, 0, np.arange(64), (1, 4, 4), 1000)
