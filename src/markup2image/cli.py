@@ -198,7 +198,13 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
     params = _params(args.params)
     domain = args.domain or params.domains[0]
-    _emit(parameter_summary(params, domain, args.vocab_size, size=args.size), args.out)
+    summary = parameter_summary(params, domain, args.vocab_size, size=args.size)
+    if args.table:
+        from markup2image.models.summary import paper_table, paper_table_markdown
+
+        print(paper_table_markdown(paper_table(summary)), end="")
+        return 0
+    _emit(summary, args.out)
     return 0
 
 
@@ -379,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="params = the model in params.yaml; paper = the SS-DM U-Net (with switches)",
     )
     su.add_argument("--out", type=Path)
+    su.add_argument("--table", action="store_true", help="markdown rows like for like with paper Table 1")
     su.set_defaults(fn=cmd_summary)
 
     rc = sub.add_parser("recipe", help="paper recipes (configs/paper/<domain>.yaml) as dvc exp run -S overrides")

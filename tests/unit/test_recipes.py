@@ -111,3 +111,14 @@ def test_a_malformed_recipe_is_one_clear_error(tmp_path: Path):
     bad.write_text("set: [1, 2]\n")
     with pytest.raises(ConfigError, match="needs 'name' and a 'set' mapping"):
         load_recipe(bad)
+
+
+def test_parameter_table_is_like_for_like_with_paper_table1(tmp_path: Path):
+    from markup2image.models.summary import paper_table
+
+    report = recipe_check(_offline(ROOT / "configs" / "paper" / "math.yaml", tmp_path), ROOT / "params.yaml")
+    rows = paper_table(report["parameters"])
+    unet = rows[0]
+    assert unet["cumulative"] == pytest.approx(209e6, rel=0.01)  # SS-DM's U-Net on the same footing
+    assert rows[-1]["added"] == pytest.approx(125.2e6, rel=0.01)  # GPT-Neo-125M, frozen, counted apart
+    assert rows[-2]["cumulative"] == report["parameters"]["trainable"]

@@ -197,3 +197,34 @@ def parameter_summary(params: Params, domain: str, vocab_size: int, size: str = 
         "hcma_local_weight": params.hcma.local_weight,
     }
     return summary
+
+
+PAPER_TABLE1 = {"unet": 209e6, "fsa_cdm": 253e6}  # FSA-CDM Table 1: SS-DM 209 M, FSA-CDM 253 M parameters
+
+
+def paper_table(summary: dict) -> list[dict]:
+    """Rows like for like with paper Table 1 (cumulative trainable parameters; the frozen LM counted apart):
+    U-Net with its position embeddings (SS-DM's model), + trainable encoder parts, + FSA, + CCAM, + head."""
+    rows, total = [], 0
+    parts = [
+        ("U-Net with position embeddings (SS-DM)", summary["unet"]["total"] + summary["position_embeddings"], "unet"),
+        ("+ trainable encoder parts", summary["encoder"], None),
+        ("+ FSA (image encoder, CAM)", summary["fsa"], None),
+        ("+ CCAM (CoA branches, fusion)", summary["ccam"], None),
+        ("+ contrastive head (FSA-CDM)", summary["contrastive_head"], "fsa_cdm"),
+    ]
+    for name, count, paper in parts:
+        total += count
+        rows.append({"row": name, "added": count, "cumulative": total, "paper": PAPER_TABLE1.get(paper or "")})
+    rows.append({"row": "frozen pretrained encoder (not trained)", "added": summary["encoder_frozen"],
+                 "cumulative": None, "paper": None})  # fmt: skip
+    return rows
+
+
+def paper_table_markdown(rows: list[dict]) -> str:
+    def m(x: float | None) -> str:
+        return "" if x is None else f"{x / 1e6:.1f} M"
+
+    lines = ["| part | added | cumulative | paper |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {r['row']} | {m(r['added'])} | {m(r['cumulative'])} | {m(r['paper'])} |" for r in rows]
+    return "\n".join(lines) + "\n"
