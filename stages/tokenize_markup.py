@@ -13,7 +13,9 @@ def main() -> None:
     args = p.parse_args()
     params = setup(args)
     t = params.tokenize
-    tokenize_corpus(args.rendered, args.out, t.vocab_size, t.min_frequency, t.pretrained, kind=t.kind)
+    tokenize_corpus(
+        args.rendered, args.out, t.vocab_size, t.min_frequency, t.pretrained, kind=t.kind, max_length=t.max_length
+    )
 
 
 if __name__ == "__main__":

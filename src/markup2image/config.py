@@ -88,7 +88,7 @@ class TokenizeConfig:
     kind: Literal["bpe", "word", "char"] = "bpe"  # trained tokenizer (text/tokenizer.py); ignored with pretrained
     vocab_size: int = 512
     min_frequency: int = 2
-    max_length: int = 128
+    max_length: int = 128  # the tokenize stage cuts every markup to this many tokens (reported per split)
     pretrained: str = ""  # a tokenizer folder or hub id; empty = train BPE on the train split
 
 
@@ -406,6 +406,11 @@ def validate(p: Params) -> None:
         raise ConfigError(f"diffusion.snr_gamma: must be 0 (off) or more, got {p.diffusion.snr_gamma}")
     if p.evaluate.steps < 1:
         raise ConfigError("evaluate.steps: must be at least 1")
+    if not 1 <= p.tokenize.max_length <= m.max_text_length:
+        raise ConfigError(
+            f"tokenize.max_length: {p.tokenize.max_length} must be between 1 and model.max_text_length "
+            f"({m.max_text_length}), the longest markup the model's text positions hold"
+        )
     _validate_hcma(p)
 
 

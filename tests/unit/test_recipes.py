@@ -67,6 +67,8 @@ def test_recipe_is_the_paper_protocol_and_builds_on_meta(recipe: Path, tmp_path:
     assert report["domain"] == domain
     assert (t["lr"], t["warmup_steps"], t["lr_schedule"], t["epochs"]) == (1e-4, 500, "cosine", 100)
     assert t["global_batch"] == BATCH[domain]
+    params = recipe_params(_offline(recipe, tmp_path / "again"), ROOT / "params.yaml")
+    assert params.tokenize.max_length == params.model.max_text_length == (512 if domain == "molecules" else 1024)
     layout = report["attention"]
     assert all(site["heads"] == 8 for site in layout["sites"])  # SS-DM: 8 heads (not 64)
     assert layout["ccam"] == 5

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from markup2image.text.tokenizer import (
     BOS,
@@ -85,3 +86,24 @@ def test_tokenize_corpus_records_the_kind(tmp_path):
     assert report["kind"] == "char"
     tok = load_tokenizer(tmp_path / "tok")
     assert tok.encode("ab").tokens == [BOS, "a", "b", EOS]
+
+
+def test_tokenize_corpus_cuts_at_max_length_and_reports_the_rate(tmp_path, caplog):
+    from markup2image.io import write_jsonl
+
+    rendered = tmp_path / "r"
+    for split in ("train", "val", "test"):
+        write_jsonl(rendered / f"{split}.jsonl", [{"id": f"{split}{i}", "markup": m} for i, m in enumerate(CORPUS)])
+    full = tokenize_corpus(rendered, tmp_path / "full", vocab_size=100, min_frequency=1, kind="char")
+    lengths = [len(load_tokenizer(tmp_path / "full").encode(m).ids) for m in CORPUS]
+    cut = sorted(lengths)[len(lengths) // 2]  # about half the items are longer
+    with caplog.at_level("WARNING"):
+        report = tokenize_corpus(rendered, tmp_path / "cut", 100, 1, kind="char", max_length=cut)
+    longer = sum(n > cut for n in lengths)
+    assert 0 < longer < len(CORPUS)
+    assert report["truncated"] == {"train": longer, "val": longer, "test": longer}
+    assert report["truncation_rate"]["test"] == pytest.approx(longer / len(CORPUS))
+    assert full["truncated"] == {"train": 0, "val": 0, "test": 0}
+    rows = [json.loads(line) for line in (tmp_path / "cut" / "test.jsonl").read_text().splitlines()]
+    assert max(len(r["ids"]) for r in rows) == cut
+    assert "longer than tokenize.max_length" in caplog.text

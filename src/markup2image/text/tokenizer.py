@@ -122,12 +122,13 @@ def tokenize_corpus(
     min_frequency: int,
     pretrained: str = "",
     kind: str = "bpe",
+    max_length: int = 0,
 ) -> dict:
     """The tokenize stage: train a ``kind`` tokenizer on the rendered train split (or load ``pretrained``), write
-    ids for all splits.
+    ids for all splits, each cut to ``max_length`` tokens (0: no cut) as SS-DM cuts at ``max_input_length``.
 
-    Writes ``out_dir/tokenizer.json`` and ``out_dir/<split>.jsonl`` rows ``{"id", "ids"}``. Returns counts and
-    the vocabulary size.
+    Writes ``out_dir/tokenizer.json`` and ``out_dir/<split>.jsonl`` rows ``{"id", "ids"}``. Returns counts, the
+    vocabulary size and, per split, how many items were truncated (``truncated``, ``truncation_rate``).
     """
     from markup2image.io import atomic_open, read_jsonl, write_json, write_jsonl
 
@@ -142,13 +143,22 @@ def tokenize_corpus(
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_open(out_dir / TOKENIZER_FILE) as fh:
         fh.write(tok.to_str())
-    counts = {}
+    counts, truncated, lengths = {}, {}, []
+    cut = max_length if max_length > 0 else None
     for split, rows in splits.items():
         encs = tok.encode_batch([r["markup"] for r in rows]) if rows else []
+        lengths += [len(e.ids) for e in encs]
+        truncated[split] = sum(cut is not None and len(e.ids) > cut for e in encs)
         counts[split] = write_jsonl(
-            out_dir / f"{split}.jsonl", ({"id": r["id"], "ids": e.ids} for r, e in zip(rows, encs))
+            out_dir / f"{split}.jsonl", ({"id": r["id"], "ids": e.ids[:cut]} for r, e in zip(rows, encs))
         )
-    lengths = [len(e) for s in splits.values() for e in tok.encode_batch([r["markup"] for r in s])] or [0]
+        if truncated[split]:
+            log.warning(
+                "tokenize %s: %d of %d markup items are longer than tokenize.max_length=%d tokens and were cut "
+                "(longest %d); raise tokenize.max_length and model.max_text_length to keep them whole",
+                split, truncated[split], len(encs), max_length, max(len(e.ids) for e in encs),
+            )  # fmt: skip
+    lengths = lengths or [0]
     report = {
         "kind": "pretrained" if pretrained else kind,
         "vocab_size": tok.get_vocab_size(),
@@ -156,6 +166,9 @@ def tokenize_corpus(
         "max_tokens": max(lengths),
         "mean_tokens": float(np.mean(lengths)),
         "unk_id": tok.token_to_id(UNK),
+        "max_length": max_length,
+        "truncated": truncated,
+        "truncation_rate": {s: (truncated[s] / counts[s] if counts[s] else 0.0) for s in counts},
     }
     write_json(out_dir / "tokenize_report.json", report)
     return report
