@@ -117,6 +117,8 @@ class ModelConfig:
     ccam: bool = False
     ccam_blocks: int = 5  # cross-attention blocks turned into CCAMs, lowest resolution first (paper: 5)
     ccam_rank: int = 64  # rank of the CoA relation projections W_a, W_b
+    # CoA's context queries: relation = Psi(R) (FSA-CDM eq. 12, the paper recipes) | relation_value = Psi(R v W_c)
+    ccam_query: Literal["relation", "relation_value"] = "relation_value"
     fsa_channels: tuple[int, ...] = (32, 64, 128)  # FSA image encoder: one stride-2 residual stage per entry
     fsa_hidden: int = 128  # FSA BiLSTM hidden size per direction
     contrastive_dim: int = 128  # size of the projection head for the InfoNCE term (model.con_aug)

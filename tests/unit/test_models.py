@@ -149,6 +149,49 @@ def test_ccam_matches_a_materialised_reference():
     assert torch.allclose(out, ref, atol=1e-5)
 
 
+def test_ccam_relation_query_is_psi_of_the_relation_matrix():
+    """``ccam_query: relation`` (eq. 12): Q = Psi(R) with Psi: HW -> C; it is another module than relation_value."""
+    torch.manual_seed(0)
+    c, d, heads, hw, n = 8, 6, 2, 5, 4
+    proc = ContextAwareCrossAttention(channels=c, text_dim=d, rank=3, query="relation", positions=hw)
+    assert proc.psi.in_features == hw and proc.psi.out_features == c
+    assert not hasattr(proc, "relation_value")
+    attn = Attention(query_dim=c, cross_attention_dim=d, heads=heads, dim_head=c // heads)
+    v, t = torch.randn(2, hw, c), torch.randn(2, n, d)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    out = proc(attn, v, t, attention_mask=mask)
+
+    def mha(q, k, val, keep):
+        q, k, val = (z.unflatten(-1, (heads, -1)).transpose(1, 2) for z in (q, k, val))
+        logits = (q @ k.transpose(-1, -2) / (q.shape[-1] ** 0.5)).masked_fill(~keep[:, None, None, :], float("-inf"))
+        return (logits.softmax(-1) @ val).transpose(1, 2).flatten(2)
+
+    keep = mask.bool()
+    cha = attn.to_out[0](mha(attn.to_q(v), attn.to_k(t), attn.to_v(t), keep))
+    r = torch.softmax(proc.relation_a(v) @ proc.relation_b(v).transpose(1, 2) / 3**0.5, dim=-1)
+    memory = torch.cat([v, proc.text_to_memory(t)], 1)
+    keep_mem = torch.cat([torch.ones(2, hw, dtype=torch.bool), keep], 1)
+    coa = proc.context_out(mha(proc.psi(r), proc.memory_key(memory), proc.memory_value(memory), keep_mem))
+    assert torch.allclose(out, proc.fusion(torch.cat([cha, coa], -1)), atol=1e-5)
+    # changing R's rows (not just v) changes the queries: the readings are different functions
+    torch.manual_seed(0)
+    other = ContextAwareCrossAttention(channels=c, text_dim=d, rank=3, query="relation_value")
+    assert not torch.allclose(other(attn, v, t, attention_mask=mask), out, atol=1e-3)
+    with pytest.raises(ValueError, match="positions"):
+        ContextAwareCrossAttention(channels=c, text_dim=d, rank=3, query="relation")
+    with pytest.raises(ValueError, match="ccam_query"):
+        ContextAwareCrossAttention(channels=c, text_dim=d, rank=3, query="rel")
+
+
+def test_ccam_relation_psi_is_sized_per_site():
+    model = _model(ccam=True, ccam_query="relation")
+    sites = {f"{s.name}.attn2.processor": s for s in transformer_sites(model.unet, IMAGE)}
+    ccams = [(n, m) for n, m in model.unet.named_modules() if isinstance(m, ContextAwareCrossAttention)]
+    assert ccams
+    for name, proc in ccams:
+        assert proc.query == "relation" and proc.psi.in_features == sites[name].height * sites[name].width
+
+
 def test_ccam_sits_at_the_lowest_resolutions():
     cfg = sized_model_config(ModelConfig(ccam=True), "paper")
     with torch.device("meta"):
@@ -305,8 +348,9 @@ def _export_denoiser(model, inputs: tuple, path) -> None:
     )
 
 
-def test_unet_with_ccam_exports_to_onnx(tmp_path):
-    model = _model(ccam=True)
+@pytest.mark.parametrize("query", ["relation_value", "relation"])
+def test_unet_with_ccam_exports_to_onnx(tmp_path, query):
+    model = _model(ccam=True, ccam_query=query)
     path = tmp_path / "unet.onnx"
     _export_denoiser(model, _inputs(b=2, n=6), path)
     assert path.stat().st_size > 0

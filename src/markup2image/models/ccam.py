@@ -6,13 +6,16 @@ Two branches run in parallel:
 
 * ChA = MHA(q=v, k=t, v=t) with the text mask: the block's own cross-attention projections (``attn.to_q`` ...);
 * CoA: a relation between image positions ``R = softmax((v W_a)(v W_b)^T / sqrt(r))`` with low-rank ``W_a, W_b``
-  (rank ``r``), context queries ``Q = Psi(R v W_c)``, a memory ``M = [v ; t W_t]`` of ``HW + N`` tokens,
-  ``K = M W_k``, ``V = M W_v`` and CoA = MHA(Q, K, V) with the padded text keys masked.
+  (rank ``r``), context queries ``Q = Psi(R)`` (FSA-CDM eq. 12: each position's row of relations, ``HW`` numbers,
+  mapped to ``C``; ``model.ccam_query: relation``) or ``Q = Psi(R v W_c)`` (the relation-weighted features;
+  ``relation_value``), a memory ``M = [v ; t W_t]`` of ``HW + N`` tokens, ``K = M W_k``, ``V = M W_v`` and
+  CoA = MHA(Q, K, V) with the padded text keys masked.
 
-Output = ``W_f [ChA ; CoA]``, a linear fusion. ``R v W_c`` is one ``scaled_dot_product_attention`` call (query and
-key dim ``r``, value dim ``C``), so ``R [HW, HW]`` is never built by this code (fused kernels never build it at all)
-and the module exports to ONNX: no data-dependent Python control flow, the memory mask is the text bias padded with
-zeros for the image keys.
+Output = ``W_f [ChA ; CoA]``, a linear fusion. With ``relation_value``, ``R v W_c`` is one
+``scaled_dot_product_attention`` call (query and key dim ``r``, value dim ``C``), so ``R [HW, HW]`` is never built;
+``relation`` builds ``R`` (CCAMs sit at the lowest resolutions, where ``HW`` is small) and its ``Psi`` is tied to the
+site's ``HW``. Both export to ONNX: no data-dependent Python control flow, the memory mask is the text bias padded
+with zeros for the image keys.
 
 Everything that depends on the markup alone (ChA's K/V, the text rows ``t W_t W_k``, ``t W_t W_v`` of CoA's memory) is
 :meth:`ContextAwareCrossAttention.text_projections`, computed once per markup batch while sampling
@@ -39,6 +42,8 @@ class ContextAwareCrossAttention(PositionalAttnProcessor):
         text_dim: markup feature size ``D``.
         rank: rank ``r`` of ``W_a, W_b`` (clamped to ``C``).
         height / width / text_length: position tables as in :class:`PositionalAttnProcessor` (0 = none).
+        query: ``relation`` (``Psi(R)``, eq. 12) or ``relation_value`` (``Psi(R v W_c)``).
+        positions: ``HW`` of the site (needed by ``relation``: ``Psi`` maps a row of ``R`` to ``C``).
     """
 
     def __init__(
@@ -50,13 +55,24 @@ class ContextAwareCrossAttention(PositionalAttnProcessor):
         height: int = 0,
         width: int = 0,
         text_length: int = 0,
+        query: str = "relation_value",
+        positions: int = 0,
     ) -> None:
         super().__init__(height=height, width=width, channels=channels, text_length=text_length, text_dim=text_dim)
+        if query not in ("relation", "relation_value"):
+            raise ValueError(f"model.ccam_query: {query!r} is not relation or relation_value")
+        if query == "relation" and positions < 1:
+            raise ValueError("model.ccam_query relation: the site's HW (positions) is needed to size Psi")
         rank = max(1, min(rank, channels))
+        self.query = query
+        self.positions = positions
         self.relation_a = nn.Linear(channels, rank, bias=False)  # W_a
         self.relation_b = nn.Linear(channels, rank, bias=False)  # W_b
-        self.relation_value = nn.Linear(channels, channels, bias=False)  # W_c
-        self.psi = nn.Linear(channels, channels)  # Psi: context queries
+        if query == "relation_value":
+            self.relation_value = nn.Linear(channels, channels, bias=False)  # W_c
+            self.psi = nn.Linear(channels, channels)  # Psi: context queries from R v W_c
+        else:
+            self.psi = nn.Linear(positions, channels)  # Psi: context queries from R's rows (eq. 12)
         self.text_to_memory = nn.Linear(text_dim, channels)  # W_t
         self.memory_key = nn.Linear(channels, channels, bias=False)  # W_k
         self.memory_value = nn.Linear(channels, channels, bias=False)  # W_v
@@ -82,11 +98,16 @@ class ContextAwareCrossAttention(PositionalAttnProcessor):
 
         ``W_k, W_v`` have no bias, so ``M W_k = [v W_k ; t W_t W_k]`` row by row: the text rows come in precomputed.
         """
-        a = self.relation_a(v)[:, None]  # (B, 1, HW, r)
-        b = self.relation_b(v)[:, None]  # (B, 1, HW, r)
-        c = self.relation_value(v)[:, None]  # (B, 1, HW, C)
-        context = F.scaled_dot_product_attention(a, b, c).squeeze(1)  # R v W_c, (B, HW, C); scale 1/sqrt(r)
-        query = self.psi(context)
+        if self.query == "relation":
+            a, b = self.relation_a(v), self.relation_b(v)  # (B, HW, r)
+            relation = torch.softmax(a @ b.transpose(1, 2) / a.shape[-1] ** 0.5, dim=-1)  # R, (B, HW, HW)
+            query = self.psi(relation)  # eq. 12: Q = Psi(R)
+        else:
+            a = self.relation_a(v)[:, None]  # (B, 1, HW, r)
+            b = self.relation_b(v)[:, None]  # (B, 1, HW, r)
+            c = self.relation_value(v)[:, None]  # (B, 1, HW, C)
+            context = F.scaled_dot_product_attention(a, b, c).squeeze(1)  # R v W_c, (B, HW, C); scale 1/sqrt(r)
+            query = self.psi(context)
         keys = torch.cat([self.memory_key(v), text_keys], dim=1)  # (B, HW + N, C)
         values = torch.cat([self.memory_value(v), text_values], dim=1)
         memory_bias = None if bias is None else F.pad(bias, (v.shape[1], 0))  # image keys never masked

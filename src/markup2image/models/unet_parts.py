@@ -94,7 +94,13 @@ def install_attention_processors(unet: UNet2DConditionModel, cfg: ModelConfig, i
             continue
         if site.name in ccam:
             proc = ContextAwareCrossAttention(
-                channels=site.channels, text_dim=cfg.encoder_dim, rank=cfg.ccam_rank, **pos, **text
+                channels=site.channels,
+                text_dim=cfg.encoder_dim,
+                rank=cfg.ccam_rank,
+                query=cfg.ccam_query,
+                positions=site.height * site.width,
+                **pos,
+                **text,
             )
         else:
             proc = PositionalAttnProcessor(channels=site.channels, text_dim=cfg.encoder_dim, **pos, **text)
