@@ -131,6 +131,7 @@ def test_sample_with_a_bad_layout_exits_with_one_line_naming_the_file(hcma_model
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.slow
 def test_sample_with_a_missing_layout_file_fails_in_one_line(hcma_model, tmp_path):
     model, markup = hcma_model
     proc = subprocess.run(

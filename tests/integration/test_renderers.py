@@ -134,6 +134,7 @@ def test_weasyprint_rejects_and_keeps_neighbours() -> None:
 # music: lilypond
 
 
+@pytest.mark.slow
 @pytest.mark.lilypond
 @lilypond_only
 def test_lilypond_batch_renders_and_rejects_per_snippet() -> None:

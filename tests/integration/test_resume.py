@@ -73,6 +73,7 @@ def _setup(root: Path, **train) -> tuple[dict, TrainPaths]:
     return raw, TrainPaths(rendered, tokenized, root)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_exactly(tmp_path, one_thread):
     raw, straight = _setup(tmp_path / "straight", sample_every=4)
     assert train(params_from_dict(raw), "math", straight)["resumed_from"] == 0
