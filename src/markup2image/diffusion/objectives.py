@@ -17,19 +17,11 @@ runs without gradients on the unwrapped model.
   + infonce_weight L_infonce`` (FSA-CDM eq. 10 in L_simple form, where ``infonce_weight`` is 1); the terms whose
   switch (``model.fsa``, ``model.con_aug``) is off drop out.
 
-InfoNCE and the markup (why ``infonce_weight`` exists and defaults to 0 in ``params.yaml``): anchor ``y_t``,
-positive ``y'_t`` and negatives ``ȳ_t`` are all conditioned on the SAME markup, at the same ``t``. A denoiser that
-uses the markup predicts nearly the same thing for all of them wherever the noise hides the image, so its
-features cannot tell the anchor from the negatives there; InfoNCE then rewards features, and a U-Net, that lean
-on the noisy image instead of the markup. Measured on the overfit harness (4 formulas, K = 2, 700 steps, FSA +
-CCAM; denoising loss at t = 300 with the right vs a shuffled markup): without InfoNCE 0.0215 vs 0.0601 (the
-markup is used; seed 1: 0.0251 vs 0.0596), with InfoNCE at weight 1 0.0539 vs 0.0553 (seed 1: 0.0534 vs 0.0534;
-the markup is ignored) and the samples do not beat a blank image (DTW 9.68 and 9.12 vs 7.94). Weight 0.05, no
-gradient clipping, InfoNCE kept out of the encoder and cross-attention parameters, features centred per markup,
-image-markup matching logits and per-item ``alpha_bar_t`` (or ``alpha_bar_t^4``) weights all left the markup
-unused (0.044-0.059 vs 0.052-0.060); features of ``x̂0`` through the FSA image encoder slowed the fit itself
-(``L_simple`` 0.095 vs 0.026 at step 500). The term is computed and logged (``loss_infonce``) at any weight, so
-runs show how well the features separate the views; ``-S infonce_weight=1`` gives the paper's eq. 10.
+InfoNCE negatives (``infonce_negatives``): ``other_items`` (default) scores each anchor against the OTHER items'
+anchors and positives under their own markup (SimCLR same-batch sampling, which the paper cites); ``own_markup``
+uses the item's K negatives, all under its own markup, which rewards a U-Net that ignores the markup. Measured
+markup use at weight 1: docs/decisions.md §4. ``params.yaml`` keeps weight 0 only because its default has
+``con_aug`` off; the paper recipes use 1.
 
 HCMA (design §8): when the batch carries ``hcma`` (the model has an HCMA module), every objective adds
 ``hcma.global_weight L_global + hcma.local_weight L_local`` on the noisy images ``y_t`` its denoiser call sees
