@@ -1,6 +1,6 @@
 """ONNX export and ONNX Runtime parity of the paper-size U-Net with the paper's CCAM placement (random init).
 
-    OMP_NUM_THREADS=1 python scripts/paper_onnx_parity.py --recipe configs/paper/math.yaml --out docs/paper_onnx_parity.json
+    OMP_NUM_THREADS=1 python scripts/paper_onnx_parity.py --out docs/paper_onnx_parity.json  # [--recipe FILE]
 
 Builds the recipe's model (5 CCAMs at the lowest resolution with ``ccam_query: relation``, Q = Psi(R), 16 plain
 cross-attentions, learned positions, 8 heads) with a from-scratch encoder of the recipe's width in place of the
@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from markup2image.export.onnx_export import UNET_OUTPUTS, UNetForExport, export_onnx, unet_inputs
+from markup2image.export.onnx_export import UNET_AXES, UNET_OUTPUTS, UNetForExport, export_onnx, unet_inputs
 from markup2image.models.ccam import ContextAwareCrossAttention
 from markup2image.models.model import MarkupToImageModel
 from markup2image.recipes import recipe_params
@@ -41,12 +41,6 @@ def main() -> int:
     ccams = [m for m in model.unet.modules() if isinstance(m, ContextAwareCrossAttention)]
     unet_params = sum(p.numel() for p in model.unet.parameters())
     shape = (image.channels, image.height, image.width)
-    axes = {
-        "sample": {0: "batch"},
-        "timestep": {0: "batch"},
-        "encoder_hidden_states": {0: "batch", 1: "text_len"},
-        "encoder_attention_mask": {0: "batch", 1: "text_len"},
-    }
     g = torch.Generator().manual_seed(0)
     example = unet_inputs(2, 16, shape, cfg.encoder_dim, params.diffusion.num_train_timesteps, g)
     with tempfile.TemporaryDirectory() as tmp:
@@ -57,7 +51,7 @@ def main() -> int:
             example,
             path,
             output_names=UNET_OUTPUTS,
-            dynamic=axes,
+            dynamic=UNET_AXES,
             opset=params.export.opset,
             exporter=params.export.exporter,
             max_text_length=cfg.max_text_length,

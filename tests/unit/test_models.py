@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 
 import numpy as np
@@ -123,6 +124,14 @@ def test_mask_is_batch_major():
             assert torch.allclose(batched[i : i + 1], alone, atol=1e-5)
 
 
+def _reference_mha(q, k, val, keep, heads):
+    """Explicit softmax attention over ``heads`` heads, padded keys dropped with -inf."""
+    q, k, val = (z.unflatten(-1, (heads, -1)).transpose(1, 2) for z in (q, k, val))
+    logits = q @ k.transpose(-1, -2) / (q.shape[-1] ** 0.5)
+    logits = logits.masked_fill(~keep[:, None, None, :], float("-inf"))
+    return (logits.softmax(-1) @ val).transpose(1, 2).flatten(2)
+
+
 def test_ccam_matches_a_materialised_reference():
     torch.manual_seed(0)
     c, d, heads, hw, n = 8, 6, 2, 5, 4
@@ -131,13 +140,7 @@ def test_ccam_matches_a_materialised_reference():
     v, t = torch.randn(2, hw, c), torch.randn(2, n, d)
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
     out = proc(attn, v, t, attention_mask=mask)
-
-    def mha(q, k, val, keep):  # explicit softmax attention, padded keys dropped with -inf
-        q, k, val = (z.unflatten(-1, (heads, -1)).transpose(1, 2) for z in (q, k, val))
-        logits = q @ k.transpose(-1, -2) / (q.shape[-1] ** 0.5)
-        logits = logits.masked_fill(~keep[:, None, None, :], float("-inf"))
-        return (logits.softmax(-1) @ val).transpose(1, 2).flatten(2)
-
+    mha = functools.partial(_reference_mha, heads=heads)
     keep = mask.bool()
     cha = attn.to_out[0](mha(attn.to_q(v), attn.to_k(t), attn.to_v(t), keep))
     r = torch.softmax(proc.relation_a(v) @ proc.relation_b(v).transpose(1, 2) / 3**0.5, dim=-1)  # (B, HW, HW)
@@ -160,12 +163,7 @@ def test_ccam_relation_query_is_psi_of_the_relation_matrix():
     v, t = torch.randn(2, hw, c), torch.randn(2, n, d)
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
     out = proc(attn, v, t, attention_mask=mask)
-
-    def mha(q, k, val, keep):
-        q, k, val = (z.unflatten(-1, (heads, -1)).transpose(1, 2) for z in (q, k, val))
-        logits = (q @ k.transpose(-1, -2) / (q.shape[-1] ** 0.5)).masked_fill(~keep[:, None, None, :], float("-inf"))
-        return (logits.softmax(-1) @ val).transpose(1, 2).flatten(2)
-
+    mha = functools.partial(_reference_mha, heads=heads)
     keep = mask.bool()
     cha = attn.to_out[0](mha(attn.to_q(v), attn.to_k(t), attn.to_v(t), keep))
     r = torch.softmax(proc.relation_a(v) @ proc.relation_b(v).transpose(1, 2) / 3**0.5, dim=-1)
@@ -173,7 +171,7 @@ def test_ccam_relation_query_is_psi_of_the_relation_matrix():
     keep_mem = torch.cat([torch.ones(2, hw, dtype=torch.bool), keep], 1)
     coa = proc.context_out(mha(proc.psi(r), proc.memory_key(memory), proc.memory_value(memory), keep_mem))
     assert torch.allclose(out, proc.fusion(torch.cat([cha, coa], -1)), atol=1e-5)
-    # changing R's rows (not just v) changes the queries: the readings are different functions
+    # same seed, same v and text: relation_value computes another function
     torch.manual_seed(0)
     other = ContextAwareCrossAttention(channels=c, text_dim=d, rank=3, query="relation_value")
     assert not torch.allclose(other(attn, v, t, attention_mask=mask), out, atol=1e-3)

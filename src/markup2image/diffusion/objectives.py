@@ -29,7 +29,8 @@ HCMA (design §8): when the batch carries ``hcma`` (the model has an HCMA module
 ``hcma_global``, ``hcma_local`` and ``hcma_boxes``. Without it, the model calls are exactly those of before.
 
 Negatives (``cdcd``, ``fsa_cdm``): for each item, ``train.num_negatives`` other images of the global micro-batch
-(every process's share: ``TrainBatch.negative_pool``; on one process the batch itself) whose markup key differs, each paired with the item's own markup, noised at the item's ``t`` with fresh noise. When an
+(every process's share: ``TrainBatch.negative_pool``; on one process the batch itself) whose markup key differs,
+each paired with the item's own markup, noised at the item's ``t`` with fresh noise. When an
 item has fewer than K such images, :func:`choose_negatives` cycles through a random order of the valid ones
 (sampling with replacement, spread evenly); an item with none gets its negatives masked out of every term.
 """

@@ -51,6 +51,13 @@ ENCODER_FILE, UNET_FILE = "encoder.onnx", "unet.onnx"
 ENCODER_INPUTS, ENCODER_OUTPUTS = ("input_ids", "attention_mask"), ("hidden",)
 UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states", "encoder_attention_mask")
 UNET_OUTPUTS = ("noise_pred",)
+# the U-Net graph's dynamic axes: any batch, any text length up to model.max_text_length
+UNET_AXES = {
+    "sample": {0: "batch"},
+    "timestep": {0: "batch"},
+    "encoder_hidden_states": {0: "batch", 1: "text_len"},
+    "encoder_attention_mask": {0: "batch", 1: "text_len"},
+}
 EXPORT_BATCH, EXPORT_TEXT_LENGTH = 2, 5  # example shapes for tracing; parity runs at other shapes
 EXTERNAL_DATA_BYTES = 1_500_000_000  # a graph with more parameter bytes keeps its weights in <name>.onnx.data
 
@@ -318,12 +325,6 @@ def export_graphs(model: nn.Module, out_dir: Path, params: Params) -> dict[str, 
         hidden = model.encode(enc_in["input_ids"], enc_in["attention_mask"])
     unet_in = unet_inputs(EXPORT_BATCH, n, image_shape, hidden.shape[-1], params.diffusion.num_train_timesteps, g)
     enc_axes = {k: {0: "batch", 1: "text_len"} for k in ENCODER_INPUTS}
-    unet_axes = {
-        "sample": {0: "batch"},
-        "timestep": {0: "batch"},
-        "encoder_hidden_states": {0: "batch", 1: "text_len"},
-        "encoder_attention_mask": {0: "batch", 1: "text_len"},
-    }
     common = dict(opset=cfg.opset, exporter=cfg.exporter, max_text_length=max_len)
     enc = export_onnx(
         EncoderForExport(model.encoder),
@@ -338,14 +339,14 @@ def export_graphs(model: nn.Module, out_dir: Path, params: Params) -> dict[str, 
         unet_in,
         out_dir / UNET_FILE,
         output_names=UNET_OUTPUTS,
-        dynamic=unet_axes,
+        dynamic=UNET_AXES,
         **common,
     )
     enc_out = {"hidden": {"shape": ["batch", "text_len", int(hidden.shape[-1])], "dtype": "float32"}}
     unet_out = {"noise_pred": {"shape": ["batch", *image_shape], "dtype": "float32"}}
     return {
         "encoder": enc | {"inputs": _io_record(ENCODER_INPUTS, enc_in, enc_axes), "outputs": enc_out},
-        "unet": unet | {"inputs": _io_record(UNET_INPUTS, unet_in, unet_axes), "outputs": unet_out},
+        "unet": unet | {"inputs": _io_record(UNET_INPUTS, unet_in, UNET_AXES), "outputs": unet_out},
     }
 
 

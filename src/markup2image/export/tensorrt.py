@@ -83,7 +83,7 @@ class HalfUNetForExport(nn.Module):
 
 def export_fp16_unet(model: nn.Module, out_dir: Path, params: Params, device: str = "cuda") -> Path:
     """Write ``unet_fp16.onnx`` (half-precision U-Net, fp32 I/O) traced on ``device``."""
-    from markup2image.export.onnx_export import UNET_OUTPUTS, UNetForExport, export_onnx, unet_inputs
+    from markup2image.export.onnx_export import UNET_AXES, UNET_OUTPUTS, UNetForExport, export_onnx, unet_inputs
 
     g = torch.Generator().manual_seed(0)
     img = model.image
@@ -97,19 +97,13 @@ def export_fp16_unet(model: nn.Module, out_dir: Path, params: Params, device: st
         g,
     )
     inputs = {k: v.to(device) for k, v in inputs.items()}
-    axes = {
-        "sample": {0: "batch"},
-        "timestep": {0: "batch"},
-        "encoder_hidden_states": {0: "batch", 1: "text_len"},
-        "encoder_attention_mask": {0: "batch", 1: "text_len"},
-    }
     path = out_dir / FP16_ONNX_FILE
     export_onnx(
         module,
         inputs,
         path,
         output_names=UNET_OUTPUTS,
-        dynamic=axes,
+        dynamic=UNET_AXES,
         opset=params.export.opset,
         exporter=params.export.exporter,
         max_text_length=model.model_cfg.max_text_length,

@@ -65,7 +65,6 @@ class ContextAwareCrossAttention(PositionalAttnProcessor):
             raise ValueError("model.ccam_query relation: the site's HW (positions) is needed to size Psi")
         rank = max(1, min(rank, channels))
         self.query = query
-        self.positions = positions
         self.relation_a = nn.Linear(channels, rank, bias=False)  # W_a
         self.relation_b = nn.Linear(channels, rank, bias=False)  # W_b
         if query == "relation_value":
