@@ -8,9 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(texlive-latex-base texlive-latex-recommended texlive-fonts-recommended dvipng lilypond
-              fonts-dejavu-core libpango-1.0-0 libpangoft2-1.0-0)
+              fonts-dejavu-core libpango-1.0-0 libpangoft2-1.0-0 strace)
 missing=()
-for tool in latex dvipng lilypond; do command -v "$tool" >/dev/null 2>&1 || missing+=("$tool"); done
+for tool in latex dvipng lilypond strace; do command -v "$tool" >/dev/null 2>&1 || missing+=("$tool"); done
 if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""
   [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo -n"

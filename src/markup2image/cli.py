@@ -252,6 +252,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
             steps=tuple(args.steps_list or [args.steps]),
             params=params,
         )
+    elif args.what == "robustness":
+        from markup2image.data.robustness import bench_robustness
+
+        domains = tuple(args.domains or params.domains)
+        work = Path(args.work or "robustness_run")
+        timeout = args.timeout if args.timeout > 0 else None
+        result = bench_robustness(params, domains, args.n or 1000, work, trace=args.trace, timeout=timeout)
     elif args.what == "steps":
         return _bench_steps(args, params)
     elif args.what == "curve":
@@ -398,14 +405,19 @@ def build_parser() -> argparse.ArgumentParser:
     rc.set_defaults(fn=cmd_recipe)
 
     b = sub.add_parser("bench", help="benchmarks (JSON out)")
-    b.add_argument("what", choices=["metrics", "render", "sample", "steps", "train", "curve"])
+    b.add_argument("what", choices=["metrics", "render", "robustness", "sample", "steps", "train", "curve"])
     b.add_argument("--domain")
+    b.add_argument("--domains", nargs="+", help="robustness: domains to try (default: params.yaml's domains)")
+    b.add_argument("--trace", action="store_true", help="robustness: run the stage under strace (file, network)")
+    b.add_argument("--timeout", type=float, default=0, help="robustness: render.timeout for the run (0: params')")
     b.add_argument("--engine")
     b.add_argument("--model", help="bench sample: a trained model or an export folder; steps: a trained model")
     b.add_argument("--rendered", help="steps, curve: the rendered data of the domain (data/rendered/<domain>)")
     b.add_argument("--tokenized", help="curve: the tokenized data of the domain (data/tokenized/<domain>)")
     b.add_argument("--multiples", type=float, nargs="+", default=[1, 2, 4, 8], help="curve: budgets x train.steps")
-    b.add_argument("--work", help="curve: folder for the run (checkpoints, snapshots, evaluations)")
+    b.add_argument(
+        "--work", help="curve: folder for the run (checkpoints, snapshots, evaluations); robustness: scratch folder"
+    )
     b.add_argument(
         "-n", "--num-samples", dest="n", type=int, default=0, help="items/pairs to time; steps: test items to score"
     )

@@ -81,6 +81,7 @@ class RenderConfig:
     workers: int = 2
     timeout: float = 60.0
     batch_size: int = 64
+    max_chars: int = 50_000  # longer markup is rejected as too_long before any renderer runs
 
 
 @dataclass(frozen=True)
@@ -408,6 +409,12 @@ def validate(p: Params) -> None:
         raise ConfigError(f"diffusion.snr_gamma: must be 0 (off) or more, got {p.diffusion.snr_gamma}")
     if p.evaluate.steps < 1:
         raise ConfigError("evaluate.steps: must be at least 1")
+    r = p.render
+    for key in ("workers", "batch_size", "max_chars"):
+        if getattr(r, key) < 1:
+            raise ConfigError(f"render.{key}: must be at least 1, got {getattr(r, key)}")
+    if not r.timeout > 0:
+        raise ConfigError(f"render.timeout: must be more than 0 seconds, got {r.timeout}")
     if not 1 <= p.tokenize.max_length <= m.max_text_length:
         raise ConfigError(
             f"tokenize.max_length: {p.tokenize.max_length} must be between 1 and model.max_text_length "

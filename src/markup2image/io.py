@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -15,6 +16,14 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+
+# An item id names its files (images/<id>.png): letters, digits, '.', '_', '-', not starting with '.'.
+SAFE_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
+
+
+def is_safe_id(item_id: object) -> bool:
+    """True when ``item_id`` is a string that can name a file in an output folder and nothing outside it."""
+    return isinstance(item_id, str) and SAFE_ID.fullmatch(item_id) is not None
 
 
 @contextmanager

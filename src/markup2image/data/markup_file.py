@@ -9,12 +9,10 @@ Blank lines are skipped; a repeated id is an error naming both lines.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from markup2image.data.generators import markup_id
-
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+from markup2image.io import is_safe_id
 
 
 def read_markup_file(path: str | Path, domain: str) -> list[dict[str, str]]:
@@ -38,8 +36,11 @@ def read_markup_file(path: str | Path, domain: str) -> list[dict[str, str]]:
             markup = obj["markup"]
             item_id = None if obj.get("id") is None else str(obj["id"])
         item_id = item_id or markup_id(domain, markup)
-        if not _SAFE_NAME.match(item_id):
-            raise ValueError(f"{path}:{n}: id {item_id!r} is not a safe file name (letters, digits, '.', '_', '-')")
+        if not is_safe_id(item_id):
+            raise ValueError(
+                f"{path}:{n}: id {item_id!r} is not a safe file name "
+                "(letters, digits, '.', '_', '-'; not starting with '.')"
+            )
         if item_id in where:
             raise ValueError(f"{path}:{n}: id {item_id!r} repeats line {where[item_id]}; ids name the output files")
         where[item_id] = n

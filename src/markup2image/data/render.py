@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import multiprocessing as mp
+import re
 import signal
 import threading
 import time
@@ -50,6 +51,7 @@ from tqdm import tqdm
 from markup2image.config import DomainConfig, Params
 from markup2image.data.layouts import LAYOUTS_DIR, LAYOUTS_JSONL, layout_path, write_layout
 from markup2image.data.renderers import (
+    BATCH_ENGINES,
     REJECT_REASONS,
     SELF_TIMED_ENGINES,
     RenderError,
@@ -58,7 +60,8 @@ from markup2image.data.renderers import (
     place_top_left,
     resolve_engine,
 )
-from markup2image.io import load_image, read_json, read_jsonl, save_png, write_json, write_jsonl
+from markup2image.io import is_safe_id, load_image, read_json, read_jsonl, save_png, write_json, write_jsonl
+from markup2image.stage_args import parser, setup
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +69,11 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 JOURNAL = ".render_journal.jsonl"
 STATE = ".render_state.json"
 STATE_VERSION = 2  # 2: layouts/ written beside images/ (older outputs are rendered again once)
-RETRY_REASONS = frozenset({"renderer_missing"})
+# renderer_missing: the tool may be installed since; the stage's own rejects are decided again on every run
+RETRY_REASONS = frozenset({"renderer_missing", "too_long", "invalid_id"})
 # Between two results of one batch the watchdog allows timeout * WATCHDOG_FACTOR + WATCHDOG_SLACK_S seconds.
 WATCHDOG_FACTOR = 1.5
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 WATCHDOG_SLACK_S = 10.0
 
 # (id, markup, gold path or "") — what a worker gets
@@ -104,6 +109,7 @@ class _Job:
     cfg: DomainConfig
     timeout: float
     images_dir: Path
+    itemwise: bool  # the engine reports item by item (the first unreported item is the one it was on)
 
 
 def _gold_image(path: str, cfg: DomainConfig) -> np.ndarray:
@@ -158,8 +164,11 @@ def _worker_main(conn: Connection, job: _Job) -> None:
         items = conn.recv()
         if items is None:
             return
-        for msg in _process_batch(job, items):
-            conn.send(msg)
+        try:
+            for msg in _process_batch(job, items):
+                conn.send(msg)
+        except Exception as exc:  # noqa: BLE001 - the parent decides whom to blame (_failed_batch)
+            conn.send(("error", f"{type(exc).__name__}: {exc}"[:500]))
         conn.send(("done",))
 
 
@@ -214,12 +223,21 @@ def _alarm(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def _failed_batch(batch: _Batch, reason: str, detail: str, queue: deque[_Batch]) -> Message:
-    """The first unreported item is the one the worker was on: reject it; requeue the rest at the front."""
-    first, *rest = batch.unreported()
-    if rest:
-        queue.appendleft(_Batch(rest))
-    return ("reject", first[0], reason, detail)
+def _failed_batch(batch: _Batch, reason: str, detail: str, queue: deque[_Batch], itemwise: bool) -> Message | None:
+    """A batch whose worker died, hung or raised. An item-by-item engine was on the first unreported item: reject
+    it and requeue the rest at the front. A batch engine draws its chunk in one call, so the culprit can be any
+    unreported item: requeue the two halves (a batch of one item is that item's reject)."""
+    left = batch.unreported()
+    if not left:
+        return None
+    if itemwise or len(left) == 1:
+        first, *rest = left
+        if rest:
+            queue.appendleft(_Batch(rest))
+        return ("reject", first[0], reason, detail)
+    half = len(left) // 2
+    queue.extendleft([_Batch(left[half:]), _Batch(left[:half])])  # extendleft reverses: the first half runs first
+    return None
 
 
 def _run_inline(job: _Job, queue: deque[_Batch], limit: float) -> Iterator[Message]:
@@ -234,13 +252,18 @@ def _run_inline(job: _Job, queue: deque[_Batch], limit: float) -> Iterator[Messa
                 break
             except _Timeout:
                 gen.close()
-                yield _failed_batch(batch, "timeout", f"no result within {limit:.0f} s; the renderer hung", queue)
-                break
+                detail = f"no result within {limit:.0f} s; the renderer hung"
+                failed = _failed_batch(batch, "timeout", detail, queue, job.itemwise)
             except Exception as exc:  # noqa: BLE001 - the batch driver itself failed; cost one item, go on
-                yield _failed_batch(batch, "crash", f"{type(exc).__name__}: {exc}"[:500], queue)
-                break
-            batch.reported.add(msg[1])
-            yield msg
+                detail = f"{type(exc).__name__}: {exc}"[:500]
+                failed = _failed_batch(batch, "crash", detail, queue, job.itemwise)
+            else:
+                batch.reported.add(msg[1])
+                yield msg
+                continue
+            if failed:
+                yield failed
+            break
 
 
 def _start_pool(job: _Job, workers: int) -> tuple[Any, list[_Worker]]:
@@ -264,21 +287,27 @@ def _run_pool(job: _Job, queue: deque[_Batch], ctx: Any, pool: list[_Worker], li
                 assert w.batch is not None
                 if w.conn in ready:
                     try:
-                        while w.conn.poll():
+                        while w.batch is not None and w.conn.poll():
                             msg = w.conn.recv()
                             w.deadline = time.monotonic() + limit
                             if msg[0] == "done":
                                 w.batch = None
-                                break
-                            w.batch.reported.add(msg[1])
-                            yield msg
+                            elif msg[0] == "error":  # the batch raised; the worker lives on
+                                failed = _failed_batch(w.batch, "crash", msg[1], queue, job.itemwise)
+                                w.batch.reported.update(it[0] for it in w.batch.items)  # the rest is requeued
+                                if failed:
+                                    yield failed
+                            else:
+                                w.batch.reported.add(msg[1])
+                                yield msg
                         continue
                     except (EOFError, OSError):
+                        w.proc.join(1)
                         detail = f"the renderer process died (exit code {w.proc.exitcode})"
-                        failed = _failed_batch(w.batch, "crash", detail, queue) if w.batch.unreported() else None
+                        failed = _failed_batch(w.batch, "crash", detail, queue, job.itemwise)
                 elif time.monotonic() > w.deadline:
                     detail = f"no result within {limit:.0f} s; the renderer hung and was killed"
-                    failed = _failed_batch(w.batch, "timeout", detail, queue) if w.batch.unreported() else None
+                    failed = _failed_batch(w.batch, "timeout", detail, queue, job.itemwise)
                 else:
                     continue
                 w.kill()
@@ -411,6 +440,29 @@ def _read_splits(domain: str, in_dir: Path) -> dict[str, list[dict[str, Any]]]:
     return splits
 
 
+def _prereject(splits: dict[str, list[dict[str, Any]]], max_chars: int, wanted: dict[str, str]) -> dict:
+    """Records of items no engine gets: ids that cannot name a file, markup longer than ``render.max_chars``,
+    markup with control characters (tab, newline and carriage return are kept)."""
+    out = {}
+    for rows in splits.values():
+        for row in rows:
+            item_id, markup = row["id"], row["markup"]
+            if not is_safe_id(item_id):
+                reason = "invalid_id"
+                detail = f"id {item_id[:80]!r} cannot name a file (letters, digits, '.', '_', '-'; not starting '.')"
+            elif len(markup) > max_chars:
+                reason = "too_long"
+                detail = f"{len(markup)} characters, more than render.max_chars ({max_chars}); raise it to render this"
+            elif control := CONTROL_CHARS.search(markup):  # C libraries stop at NUL: RDKit drew "CCO\0X" as CCO
+                reason = "parse_error"
+                detail = f"control character U+{ord(control.group()):04X} at position {control.start()}; remove it"
+            else:
+                continue
+            out[item_id] = {"id": item_id, "status": "rejected", "reason": reason, "detail": detail,
+                            "markup_hash": wanted[item_id]}  # fmt: skip
+    return out
+
+
 def render_corpus(domain: str, params: Params, in_dir: Path, out_dir: Path, progress: bool = True) -> dict:
     """Render ``in_dir/{split}.jsonl`` of ``domain`` into ``out_dir`` (layout in the module docstring).
 
@@ -431,6 +483,7 @@ def render_corpus(domain: str, params: Params, in_dir: Path, out_dir: Path, prog
     images_dir.mkdir(parents=True, exist_ok=True)
     wanted = {row["id"]: markup_hash(row["markup"]) for rows in splits.values() for row in rows}
     done = _load_done(out_dir, domain, cfg, wanted)
+    done.update(_prereject(splits, rcfg.max_chars, wanted))
 
     gold_dir = in_dir / "gold"
     pending: list[Item] = []
@@ -445,7 +498,7 @@ def render_corpus(domain: str, params: Params, in_dir: Path, out_dir: Path, prog
     )  # fmt: skip
 
     queue = deque(_Batch(pending[i : i + rcfg.batch_size]) for i in range(0, len(pending), rcfg.batch_size))
-    job = _Job(domain, cfg, rcfg.timeout, images_dir)
+    job = _Job(domain, cfg, rcfg.timeout, images_dir, cfg.engine not in BATCH_ENGINES)
     limit = watchdog_limit(cfg.engine, rcfg.timeout, rcfg.batch_size)
     markups = {it[0]: it[1] for it in pending}
     start = time.monotonic()
@@ -533,3 +586,17 @@ def _write_outputs(
         out_dir,
     )  # fmt: skip
     return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The render stage's command line (``stages/render.py``, ``python -m markup2image.data.render``)."""
+    p = parser("render: gold images for every markup item, or a reject with its reason -> data/rendered/<domain>/.")
+    p.add_argument("--raw", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    params = setup(args)
+    render_corpus(args.domain, params, args.raw, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -30,6 +30,7 @@ __all__ = [
     "ENGINES",
     "MARGIN",
     "REJECT_REASONS",
+    "BATCH_ENGINES",
     "SELF_TIMED_ENGINES",
     "Engine",
     "check_engine",
@@ -56,6 +57,8 @@ ENGINES: dict[str, tuple[str, str, str]] = {
 # Engines whose every external call runs under ``timeout`` (and bisects a batch that runs over), so a batch can go
 # quiet for several timeouts without hanging; the render driver's watchdog gives them more room.
 SELF_TIMED_ENGINES = frozenset({"latex", "lilypond"})
+# Engines that draw a whole chunk in one call: when one dies, any item of the chunk may be the culprit.
+BATCH_ENGINES = frozenset({"latex", "lilypond", "weasyprint"})
 
 _instances: dict[str, Engine] = {}
 log = logging.getLogger(__name__)

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, get_args
 
 import numpy as np
 
 from markup2image.config import DomainConfig
 
-RejectReason = Literal["parse_error", "overflow", "timeout", "renderer_missing", "empty", "crash"]
-REJECT_REASONS: tuple[str, ...] = ("parse_error", "overflow", "timeout", "renderer_missing", "empty", "crash")
+# too_long and invalid_id are decided by the render stage before any engine runs (render.max_chars, io.SAFE_ID).
+RejectReason = Literal[
+    "parse_error", "overflow", "timeout", "renderer_missing", "empty", "crash", "too_long", "invalid_id"
+]
+REJECT_REASONS: tuple[str, ...] = get_args(RejectReason)
 
 # Ink starts at (MARGIN, MARGIN) as in the im2latex-100k golds.
 MARGIN = 4

@@ -2,8 +2,11 @@
 
 Each formula is one page of one document (``article`` 12 pt, ``amsmath``, ``displaymath``, ``\\pagestyle{empty}``),
 so TeX starts once per batch instead of once per formula. TeX runs with ``-halt-on-error``: pages before the first
-error are kept, the formula that raised it (found from a ``\\typeout`` marker before each formula) is rejected as
-``parse_error`` with TeX's message, and the rest of the batch runs again. A batch that runs over the time limit is
+error are kept, the formula that raised it (found from a ``\\typeout`` marker before each formula, with a
+fresh random tag per document so that markup cannot forge one) is rejected as ``parse_error`` with TeX's message,
+and the rest of the batch runs again. A batch that runs over the time limit names its suspect by the pages TeX
+shipped before it was killed: the suspect runs alone and the formulas around it run again, so one hanging formula
+costs about two time limits instead of one per halving. A batch that runs over the time limit is
 split in halves until the hanging formula is alone. dvipng renders the pages at 100 dpi, which makes glyphs the
 size they have in the im2latex-100k golds (a 12 pt parenthesis is 15 px tall; whole formulas match to a pixel),
 with a gamma that gives strokes the golds' weight.
@@ -13,6 +16,8 @@ TeX may read and write files only inside its work folder (``openin_any=p``, ``op
 from __future__ import annotations
 
 import re
+import secrets
+import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +34,10 @@ DEFAULT_DPI = 100.0
 DVIPNG_GAMMA = 4.0
 DEBIAN_PACKAGES = "texlive-latex-base dvipng"
 MARKER = "M2I-ITEM"
+# A formula that ends its environment or the document would typeset something other than itself.
+DOCUMENT_LEVEL = re.compile(
+    r"\\(documentclass|usepackage|(begin|end)\s*\{\s*(document|displaymath)\s*\}|dump|batchmode|errorstopmode)(?![A-Za-z])"
+)
 TEX_ENV = {"openin_any": "p", "openout_any": "p", "shell_escape": "f", "max_print_line": "1000"}
 
 PREAMBLE = r"""\documentclass[{size}pt]{{article}}
@@ -39,26 +48,36 @@ PREAMBLE = r"""\documentclass[{size}pt]{{article}}
 FORMULA = "\\typeout{{{marker} {index}}}\n\\begin{{displaymath}}\n{formula}\n\\end{{displaymath}}\n\\newpage\n"
 
 
-def latex_document(formulas: Sequence[str], font_size: float) -> str:
-    """The im2latex template with one formula per page."""
+def latex_document(formulas: Sequence[str], font_size: float, marker: str = MARKER) -> str:
+    """The im2latex template with one formula per page, each announced by ``marker`` and its index."""
     size = int(round(font_size))
     if size not in (10, 11, 12):
         raise ValueError(f"domain.math.font_size: LaTeX's article class takes 10, 11 or 12 pt, got {font_size}")
-    body = "".join(FORMULA.format(marker=MARKER, index=i, formula=" ".join(f.split())) for i, f in enumerate(formulas))
+    body = "".join(FORMULA.format(marker=marker, index=i, formula=" ".join(f.split())) for i, f in enumerate(formulas))
     return PREAMBLE.format(size=size) + body + "\\end{document}\n"
 
 
-def first_error(log: str) -> tuple[int | None, str]:
+def first_error(log: str, marker: str = MARKER) -> tuple[int | None, str]:
     """(index of the formula being typeset at TeX's first error or None if before any formula, message)."""
     index: int | None = None
     lines = log.splitlines()
     for n, line in enumerate(lines):
-        if line.startswith(MARKER + " "):
+        if line.startswith(marker + " "):
             index = int(line.split()[1])
         elif line.startswith("! "):
             context = next((ln.strip() for ln in lines[n + 1 : n + 8] if re.match(r"l\.\d+", ln)), "")
             return index, " ".join(f"{line[2:]} {context}".split())[:300]
     return index, ""
+
+
+def hang_suspect(chunk: list[tuple[str, str]], exc: subprocess.TimeoutExpired) -> list[list[tuple[str, str]]]:
+    """Chunks to run again after ``chunk`` timed out: the formula after the last page TeX shipped, alone, and the
+    formulas before and after it. Re-raises when there is nothing to split (one formula) or no page count."""
+    out = exc.stdout.decode("utf-8", "replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+    shipped = len(re.findall(r"\[\d+", out))  # TeX prints [n] to the terminal as it ships page n (flushed)
+    if len(chunk) == 1 or not 0 <= shipped < len(chunk):
+        raise exc
+    return [chunk[:shipped], [chunk[shipped]], chunk[shipped + 1 :]]
 
 
 class LatexEngine(ExternalToolEngine):
@@ -72,15 +91,24 @@ class LatexEngine(ExternalToolEngine):
     def precheck(self, markup: str) -> None:
         if not markup.strip():
             raise RenderError("empty", "the markup is empty")
+        found = DOCUMENT_LEVEL.search(markup)
+        if found:
+            raise RenderError("parse_error", f"{found.group(0)!r} is document markup, not part of a formula")
 
     def _run(self, chunk: list[tuple[str, str]], cfg: DomainConfig, timeout: float) -> BatchOutcome:
         """One latex + dvipng call over ``chunk``; raises TimeoutExpired when either runs over ``timeout``."""
         with tempfile.TemporaryDirectory(prefix="m2i-latex-") as tmp:
             work = Path(tmp)
-            (work / "doc.tex").write_text(latex_document([m for _, m in chunk], cfg.font_size))
-            run_tool(["latex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"], work, timeout, TEX_ENV)
+            marker = f"{MARKER}-{secrets.token_hex(8)}"
+            (work / "doc.tex").write_text(latex_document([m for _, m in chunk], cfg.font_size, marker))
+            try:
+                run_tool(["latex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"], work, timeout, TEX_ENV)
+            except subprocess.TimeoutExpired as exc:
+                return [], hang_suspect(chunk, exc)
             log = (work / "doc.log").read_text(errors="replace") if (work / "doc.log").exists() else ""
-            failed, message = first_error(log)
+            failed, message = first_error(log, marker)
+            if failed is not None and failed >= len(chunk):  # cannot happen with an unforgeable marker; be safe
+                return [], [[it] for it in chunk]
             if message and failed is None:  # an error before the first formula: the installation, not the markup
                 missing = re.search(r"File `([^']+)' not found", message)
                 reason = "renderer_missing" if missing else "crash"

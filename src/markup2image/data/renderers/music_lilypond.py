@@ -7,7 +7,8 @@ suspect alone, so an innocent neighbour of a bad snippet is never rejected. The 
 (systems wrap like sheet music) and tall enough that overflow shows up as ink, not as a lost page.
 
 LilyPond has no safe mode any more (removed in 2.23.12), and ``#``/``$`` embed Scheme, so snippets containing them
-or ``\\include`` are rejected as ``parse_error`` rather than run unsandboxed.
+or ``\\include`` (or ``\\book``/``\\bookOutputName``/``\\bookOutputSuffix``, which name output files) are rejected as
+``parse_error`` rather than run unsandboxed; LilyPond runs in a scratch folder of its own.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ HEADER = r"""\version "2.24.0"
 """
 FIRST_SNIPPET_LINE = HEADER.count("\n") + 1
 _ERROR = re.compile(r"^doc\.ly:(\d+):\d+: error: (.*)$", re.MULTILINE)
-_UNSAFE = re.compile(r"[#$]|\\include")
+# Scheme (# and $), files read (\include) and output names that could point outside the work folder
+_UNSAFE = re.compile(r"[#$]|\\(include|book|bookpart|bookOutputName|bookOutputSuffix)\b")
 
 
 def lilypond_document(snippets: Sequence[str], cfg: DomainConfig) -> str:
@@ -59,7 +61,9 @@ def check_snippet(markup: str) -> None:
     if not markup.strip():
         raise RenderError("empty", "the markup is empty")
     if _UNSAFE.search(markup):
-        raise RenderError("parse_error", "embedded Scheme (# or $) and \\include are not rendered: no sandbox")
+        raise RenderError(
+            "parse_error", "embedded Scheme (# or $), \\include and output-file commands are not rendered: no sandbox"
+        )
     depth = 0
     for ch in re.sub(r'"[^"]*"', "", markup):  # braces inside strings do not count
         depth += {"{": 1, "}": -1}.get(ch, 0)

@@ -10,8 +10,10 @@ at ``cfg.font_size`` CSS px (default 6 px for the 64x64 canvas) with HTML presen
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from html.parser import HTMLParser
+from typing import Any
 
 import numpy as np
 
@@ -27,12 +29,31 @@ PAGE_PX = 600  # an item that spills past one 600x600 px page is far beyond any 
 VOID = {"br", "hr", "img", "col", "wbr", "meta", "link", "input", "area", "base", "source"}
 # HTML lets these close themselves when a sibling or the parent closes
 OPTIONAL_CLOSE = {"td", "th", "tr", "thead", "tbody", "tfoot", "p", "li", "colgroup", "option", "caption"}
-FORBIDDEN = {"script", "iframe", "object", "embed", "frame", "frameset", "svg", "math", "img", "link", "form"}
+# Tags that run code, fetch resources or style the whole document (a batch's document holds many items, so a
+# <style> or a fixed position would reach the neighbours' pages).
+FORBIDDEN = {
+    "script", "iframe", "object", "embed", "frame", "frameset", "svg", "math", "img", "link", "form", "style",
+    "base", "meta", "video", "audio", "source", "picture", "canvas", "applet", "input", "button", "textarea",
+    "select", "template", "slot", "portal",
+}  # fmt: skip
+# Inline CSS that fetches (url(), @import, image-set) or leaves the item's own box (position, float off the page).
+UNSAFE_STYLE = re.compile(r"url\s*\(|@import|image-set|expression\s*\(|position|content\s*:", re.IGNORECASE)
 CSS = """@page {{ size: {page}px {page}px; margin: 0 }}
 html, body {{ margin: 0; padding: 0; background: white; color: black }}
 .m2i-item {{ page-break-after: always; font-family: 'DejaVu Sans', sans-serif; font-size: {size}px }}
 table {{ font-size: inherit }}
 """
+
+
+# HTML's own limits (browsers clamp to them); WeasyPrint spends minutes on a colspan of 10^5.
+SPAN_LIMITS = {"colspan": 1000, "rowspan": 65534}
+
+
+def _span_ok(value: str | None, limit: int) -> bool:
+    try:
+        return 1 <= int((value or "1").strip()) <= limit
+    except ValueError:
+        return False
 
 
 class _TagChecker(HTMLParser):
@@ -45,6 +66,19 @@ class _TagChecker(HTMLParser):
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag in FORBIDDEN and not self.error:
             self.error = f"<{tag}> is not allowed in table markup"
+        for name, value in attrs:
+            if self.error:
+                break
+            if name in SPAN_LIMITS and not _span_ok(value, SPAN_LIMITS[name]):
+                self.error = f"<{tag} {name}={value!r}>: HTML allows 1 to {SPAN_LIMITS[name]}"
+            elif name.startswith("on"):
+                self.error = f"<{tag} {name}=...>: event handlers are not allowed in table markup"
+            elif (
+                name in ("style", "background", "src", "href")
+                and value
+                and (name != "style" or UNSAFE_STYLE.search(value))
+            ):
+                self.error = f"<{tag} {name}={value[:60]!r}>: external resources and positioning are not rendered"
         if tag not in VOID:
             self.stack.append(tag)
 
@@ -78,8 +112,15 @@ def check_html(markup: str) -> None:
         raise RenderError("empty", "the markup is empty")
 
 
-def _refuse_fetch(url: str, *args: object, **kwargs: object) -> dict:
-    raise ValueError(f"external resource {url!r} is not fetched when rendering")
+def refusing_fetcher(weasyprint: Any) -> Any:
+    """A WeasyPrint URL fetcher that fetches nothing (no network, no file:, no data:): a second wall behind
+    :func:`check_html`, which rejects markup that names resources before WeasyPrint sees it."""
+
+    class RefusingFetcher(weasyprint.urls.URLFetcher):
+        def fetch(self, url: str, headers: object = None) -> Any:
+            raise ValueError(f"external resource {url[:80]!r} is not fetched when rendering")
+
+    return RefusingFetcher()
 
 
 class WeasyprintEngine:
@@ -94,6 +135,7 @@ class WeasyprintEngine:
         except ImportError as exc:  # pragma: no cover - both are project dependencies
             raise RenderError("renderer_missing", f"{exc}; pip install weasyprint pypdfium2") from exc
         self._weasyprint, self._pdfium = weasyprint, pypdfium2
+        self._fetcher = refusing_fetcher(weasyprint)
         logging.getLogger("weasyprint").setLevel(logging.ERROR)  # it warns about every unknown CSS hint
         logging.getLogger("fontTools").setLevel(logging.ERROR)
 
@@ -122,7 +164,7 @@ class WeasyprintEngine:
         body = "".join(f'<div class="m2i-item">{markup}</div>' for _, markup in chunk)
         style = CSS.format(page=PAGE_PX, size=cfg.font_size)
         html = f"<html><head><style>{style}</style></head><body>{body}</body></html>"
-        document = self._weasyprint.HTML(string=html, url_fetcher=_refuse_fetch).render(presentational_hints=True)
+        document = self._weasyprint.HTML(string=html, url_fetcher=self._fetcher).render(presentational_hints=True)
         doc = self._pdfium.PdfDocument(document.write_pdf())
         try:
             if len(doc) != len(chunk):
