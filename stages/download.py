@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from markup2image.data.download import download_corpus
-from markup2image.stage_args import parser, setup
+from markup2image.stage_args import parser, setup, user_errors
 
 
 def main() -> None:
@@ -11,7 +11,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     params = setup(args)
-    download_corpus(args.domain, params, args.out)
+    with user_errors():
+        download_corpus(args.domain, params, args.out)
 
 
 if __name__ == "__main__":

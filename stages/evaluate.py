@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from markup2image.evaluation.evaluate import evaluate
-from markup2image.stage_args import parser, setup
+from markup2image.stage_args import parser, setup, user_errors
 
 
 def main() -> None:
@@ -13,7 +13,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     params = setup(args)
-    evaluate(params, args.domain, args.model, args.rendered, args.out)
+    with user_errors():
+        evaluate(params, args.domain, args.model, args.rendered, args.out)
 
 
 if __name__ == "__main__":

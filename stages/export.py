@@ -5,7 +5,7 @@ from pathlib import Path
 
 from markup2image.export.onnx_export import export_model
 from markup2image.export.parity import ExportParityError
-from markup2image.stage_args import parser, setup
+from markup2image.stage_args import parser, setup, user_errors
 
 
 def main() -> None:
@@ -15,7 +15,8 @@ def main() -> None:
     args = p.parse_args()
     params = setup(args)
     try:
-        export_model(args.model, args.out, params)
+        with user_errors():
+            export_model(args.model, args.out, params)
     except ExportParityError as exc:
         sys.exit(f"error: export parity failed for {args.domain}: {exc}")
 

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from markup2image.stage_args import parser, setup
+from markup2image.stage_args import parser, setup, user_errors
 from markup2image.text.tokenizer import tokenize_corpus
 
 
@@ -13,9 +13,10 @@ def main() -> None:
     args = p.parse_args()
     params = setup(args)
     t = params.tokenize
-    tokenize_corpus(
-        args.rendered, args.out, t.vocab_size, t.min_frequency, t.pretrained, kind=t.kind, max_length=t.max_length
-    )
+    with user_errors():
+        tokenize_corpus(
+            args.rendered, args.out, t.vocab_size, t.min_frequency, t.pretrained, kind=t.kind, max_length=t.max_length
+        )
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from markup2image.stage_args import parser, setup
+from markup2image.stage_args import parser, setup, user_errors
 from markup2image.training.loop import TrainPaths, train
 
 
@@ -13,7 +13,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     params = setup(args)
-    train(params, args.domain, TrainPaths(rendered=args.rendered, tokenized=args.tokenized, out=args.out))
+    with user_errors():
+        train(params, args.domain, TrainPaths(rendered=args.rendered, tokenized=args.tokenized, out=args.out))
 
 
 if __name__ == "__main__":

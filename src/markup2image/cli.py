@@ -95,6 +95,11 @@ def cmd_score(args: argparse.Namespace) -> int:
     _emit(result, args.out)
     summary = result["summary"]
     blank = result["blank_baseline"]
+    if not summary["n"]:
+        raise SystemExit(
+            f"error: no pair could be scored: {len(result['mismatched'])} with different sizes, "
+            f"{len(result['unreadable'])} with an unreadable file (each named above); the JSON lists them"
+        )
     print(
         "mean over {n}: DTW {dtw:.2f}  DTW-TI {dtw_ti:.2f}  RMSE {rmse:.2f}  SSIM {ssim:.4f}".format(**summary)
         + f"  | blank: DTW {blank['dtw']:.2f}  RMSE {blank['rmse']:.2f}",
@@ -447,13 +452,18 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     from markup2image.config import ConfigError
+    from markup2image.io import CorruptFileError
 
     try:
         return args.fn(args)
     except ConfigError as exc:
         raise SystemExit(f"error: {args.params}: {exc}") from None
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, CorruptFileError) as exc:
         raise SystemExit(f"error: {exc}") from None
+    except ValueError as exc:  # the commands' own checks name the input and the fix (e.g. score's folders)
+        if args.verbose:
+            raise
+        raise SystemExit(f"error: {exc} (run with -v for the traceback)") from None
 
 
 if __name__ == "__main__":

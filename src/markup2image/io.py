@@ -89,10 +89,62 @@ def save_png(path: str | Path, image: np.ndarray) -> None:
         Image.fromarray(arr).save(fh, format="PNG")
 
 
+class CorruptFileError(ValueError):
+    """A file a stage needs cannot be read; the message names the file (and, where the caller knows it, the fix)."""
+
+
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def png_complete(path: str | Path) -> bool:
+    """True when ``path`` ends with a PNG's IEND chunk (a write cut short by a kill does not), whatever PIL's
+    ``LOAD_TRUNCATED_IMAGES`` says elsewhere in the process. Reads 12 bytes."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(os.path.getsize(path) - 12, 0))
+            return fh.read() == _PNG_END
+    except OSError:
+        return False
+
+
+def _starts_as_png(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    except OSError:
+        return False
+
+
 def load_image(path: str | Path, channels: int = 1) -> np.ndarray:
-    """Load an image as uint8 ``[H, W]`` (channels=1) or ``[H, W, 3]``."""
+    """Load an image as uint8 ``[H, W]`` (channels=1) or ``[H, W, 3]``.
+
+    16-bit images are scaled to 8 bits (PIL's own conversion clips them: mid-gray became white); transparent
+    pixels are composited on white (PIL's drops alpha: a transparent background became black). Raises
+    :class:`CorruptFileError` naming the file when it is missing, truncated or not an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if path.suffix.lower() == ".png" and _starts_as_png(path) and not png_complete(path):
+        raise CorruptFileError(f"{path}: truncated PNG (no IEND chunk at its end)")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return _to_uint8(im, channels)
+    except FileNotFoundError as exc:
+        raise CorruptFileError(f"{path}: no such image file") from exc
+    except (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise CorruptFileError(f"{path}: cannot be read as an image ({type(exc).__name__}: {exc})") from exc
+
+
+def _to_uint8(im: Any, channels: int) -> np.ndarray:
     from PIL import Image
 
-    with Image.open(path) as im:
-        im = im.convert("L" if channels == 1 else "RGB")
-        return np.asarray(im, dtype=np.uint8).copy()
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode != "F" else max(float(arr.max()), 1.0)
+        gray = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+        return gray if channels == 1 else np.repeat(gray[..., None], 3, axis=-1)
+    if "A" in im.getbands() or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8).copy()

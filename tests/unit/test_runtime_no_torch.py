@@ -250,3 +250,16 @@ def test_manifest_checks_sizes_and_checksums(fake_export: Path, tmp_path: Path) 
     (copy / "unet.onnx").unlink()
     with pytest.raises(FileNotFoundError, match="missing"):
         load_manifest(copy)
+
+
+def test_runtime_refuses_a_graph_with_one_flipped_byte_by_default(fake_export: Path, tmp_path: Path) -> None:
+    """The checksum check is on by default: a same-size corrupt ONNX file is named in one line, not sampled from."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(fake_export, copy)
+    data = bytearray((copy / "unet.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / "unet.onnx").write_bytes(bytes(data))
+    report = _run_guarded(["--model", str(copy), "--markup", "x", "--out", str(tmp_path / "a.png")])
+    assert report["code"] == 1 and "sha256 differs" in report["stderr"] and "Traceback" not in report["stderr"]

@@ -1,5 +1,6 @@
 """Training pieces that need no process group: batch order, per-rank shares, checkpoint discovery, launch flags."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -129,8 +130,11 @@ def test_accumulated_terms_have_every_quartile_key_on_every_rank():
 def _fake_checkpoint(folder: Path, name: str, complete: bool) -> Path:
     p = folder / name
     p.mkdir(parents=True)
+    (p / "trainer_state.json").write_text(json.dumps({"step": int(name.rsplit("_", 1)[1])}))
+    (p / "model.safetensors").write_bytes(b"w" * 10)
     if complete:
-        (p / COMPLETE).write_text("ok\n")
+        files = {f.name: f.stat().st_size for f in p.iterdir()}
+        (p / COMPLETE).write_text(json.dumps({"files": files}))
     return p
 
 
@@ -141,6 +145,19 @@ def test_newest_checkpoint_ignores_half_written_ones(tmp_path):
     _fake_checkpoint(tmp_path, "step_00000006", complete=False)  # renamed but no marker
     _fake_checkpoint(tmp_path, ".tmp_step_00000008", complete=True)  # never renamed
     assert newest_checkpoint(tmp_path) == want
+
+
+def test_a_damaged_checkpoint_is_skipped_with_one_line(tmp_path, caplog):
+    older = _fake_checkpoint(tmp_path, "step_00000002", complete=True)
+    cut = _fake_checkpoint(tmp_path, "step_00000004", complete=True)
+    gone = _fake_checkpoint(tmp_path, "step_00000006", complete=True)
+    (cut / "model.safetensors").write_bytes(b"w")  # cut short after the save
+    (gone / "model.safetensors").unlink()  # deleted
+    with caplog.at_level("WARNING"):
+        assert newest_checkpoint(tmp_path) == older
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("step_00000006" in m and "model.safetensors is missing" in m for m in lines)
+    assert any("step_00000004" in m and "has 1 bytes, 10 when saved" in m for m in lines)
 
 
 def test_prune_keeps_the_newest_complete_checkpoints(tmp_path):

@@ -21,9 +21,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from markup2image.io import load_image, read_jsonl
+from markup2image.io import CorruptFileError, load_image, png_complete, read_jsonl
 
 log = logging.getLogger(__name__)
+
+
+def check_images(root: Path, images: list[str], listed_in: str) -> None:
+    """Raise :class:`CorruptFileError` naming the missing or truncated PNGs among ``images`` (paths under
+    ``root``) before any training or sampling starts. Reads 12 bytes per file."""
+    bad = [name for name in images if not png_complete(root / name)]
+    if bad:
+        few = ", ".join(str(root / b) for b in bad[:3]) + (", ..." if len(bad) > 3 else "")
+        raise CorruptFileError(
+            f"{len(bad)} image(s) listed in {listed_in} are missing or truncated ({few}); run `dvc repro` "
+            "(the render stage redoes exactly those) or the render stage by hand"
+        )
 
 
 def markup_key(markup: str) -> int:
@@ -57,6 +69,7 @@ class MarkupImageDataset(torch.utils.data.Dataset):
                 f"{tokenized_dir}/{split}.jsonl: {len(missing)} rendered item(s) have no token ids "
                 f"(e.g. {missing[:3]}); rerun the tokenize stage"
             )
+        check_images(self.root, [r["image"] for r in rows], f"{self.root}/{split}.jsonl")
         self.rows = rows
         self.token_ids = [ids[r["id"]] for r in rows]
         self.layouts: dict[str, list] | None = None

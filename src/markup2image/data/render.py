@@ -60,8 +60,17 @@ from markup2image.data.renderers import (
     place_top_left,
     resolve_engine,
 )
-from markup2image.io import is_safe_id, load_image, read_json, read_jsonl, save_png, write_json, write_jsonl
-from markup2image.stage_args import parser, setup
+from markup2image.io import (
+    is_safe_id,
+    load_image,
+    png_complete,
+    read_json,
+    read_jsonl,
+    save_png,
+    write_json,
+    write_jsonl,
+)
+from markup2image.stage_args import parser, setup, user_errors
 
 log = logging.getLogger(__name__)
 
@@ -349,17 +358,10 @@ def _read_journal(path: Path) -> dict[str, dict[str, Any]]:
     return records
 
 
-_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
-
-
 def _image_ok(path: Path, cfg: DomainConfig) -> bool:
     """A PNG that decodes fully to the canvas shape (a half-written or foreign file does not)."""
-    if not path.exists():
+    if not png_complete(path):
         return False
-    with open(path, "rb") as fh:  # a PNG ends with its IEND chunk: a truncated file does not, whatever
-        fh.seek(max(path.stat().st_size - 12, 0))  # PIL's LOAD_TRUNCATED_IMAGES says elsewhere in the process
-        if fh.read() != _PNG_END:
-            return False
     try:
         image = load_image(path, channels=cfg.channels)
     except Exception:  # noqa: BLE001 - any decode failure means: redo it
@@ -595,7 +597,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     params = setup(args)
-    render_corpus(args.domain, params, args.raw, args.out)
+    with user_errors():
+        render_corpus(args.domain, params, args.raw, args.out)
 
 
 if __name__ == "__main__":

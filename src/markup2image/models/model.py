@@ -29,7 +29,7 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 from markup2image.config import DiffusionConfig, DomainConfig, HcmaConfig, ModelConfig
-from markup2image.io import atomic_open
+from markup2image.io import CorruptFileError, atomic_open
 from markup2image.models.encoder import PretrainedMarkupEncoder, TransformerMarkupEncoder
 from markup2image.models.fsa import FineGrainedSequenceAlignment
 from markup2image.models.hcma import HcmaBatch, HcmaModule, build_hcma, hcma_loss
@@ -304,8 +304,20 @@ def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> 
         raise FileNotFoundError(
             f"{folder}: no {MODEL_CONFIG}; point --model at a trained model folder (models/<domain>/model)"
         )
-    cfg = json.loads(cfg_path.read_text())
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CorruptFileError(f"{cfg_path}: not JSON ({exc}); copy the model folder again or retrain") from exc
     model = model_from_config(cfg)
-    state = load_file(str(folder / MODEL_WEIGHTS), device=str(map_location))
-    model.load_state_dict(state)
+    weights = folder / MODEL_WEIGHTS
+    if not weights.exists():
+        raise FileNotFoundError(f"{weights}: missing; copy the whole model folder or retrain (dvc repro train)")
+    try:
+        state = load_file(str(weights), device=str(map_location))
+        model.load_state_dict(state)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type; a wrong tensor: RuntimeError
+        raise CorruptFileError(
+            f"{weights}: cannot be loaded ({type(exc).__name__}: {str(exc)[:200]}); the file is damaged or from "
+            "another model: copy the model folder again or retrain (dvc repro train)"
+        ) from exc
     return model.eval()

@@ -35,7 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: one per physical core)")
-    p.add_argument("--verify", action="store_true", help="check every file's sha256 against the manifest first")
+    p.add_argument(
+        "--verify", action=argparse.BooleanOptionalAction, default=True,
+        help="check every file's sha256 against the manifest before loading (default; --no-verify: sizes only)",
+    )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 

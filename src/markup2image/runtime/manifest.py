@@ -50,7 +50,10 @@ def load_manifest(folder: str | Path, verify: bool = False) -> dict[str, Any]:
         raise FileNotFoundError(
             f"{folder}: no {MANIFEST}{hint}; point --model at a folder written by the export stage (export/<domain>)"
         )
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not JSON ({exc}); copy the exported folder again or re-export") from exc
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {manifest['format_version']} is newer than this runtime reads")
     for rel, rec in manifest.get("files", {}).items():

@@ -117,7 +117,8 @@ class ExportedModel:
         folder: what the export stage wrote (``export/<domain>``).
         backend: ``onnxruntime`` or ``tensorrt`` (needs the engine built by the export stage and TensorRT).
         threads: ONNX Runtime intra-op threads.
-        verify: check every file's sha256 against the manifest (sizes are always checked).
+        verify: check every file's sha256 against the manifest before loading (default; sizes are always checked):
+            a flipped byte in a graph gives wrong images, not an error.
         manifest: use this manifest instead of reading ``manifest.json`` (the export stage, before it writes one).
     """
 
@@ -127,7 +128,7 @@ class ExportedModel:
         *,
         backend: str = "onnxruntime",
         threads: int | None = None,
-        verify: bool = False,
+        verify: bool = True,
         providers: Sequence[str] | None = None,
         manifest: dict[str, Any] | None = None,
     ) -> None:

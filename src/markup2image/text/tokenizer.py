@@ -11,10 +11,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from markup2image.io import CorruptFileError
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +71,14 @@ def load_tokenizer(path_or_id: str | Path) -> Tokenizer:
     """Load ``tokenizer.json`` from a folder or file, or a pretrained tokenizer by hub id / local folder."""
     p = Path(path_or_id)
     if p.is_dir() and (p / TOKENIZER_FILE).exists():
-        return Tokenizer.from_file(str(p / TOKENIZER_FILE))
+        p = p / TOKENIZER_FILE
     if p.is_file():
-        return Tokenizer.from_file(str(p))
+        try:
+            return Tokenizer.from_file(str(p))
+        except Exception as exc:  # noqa: BLE001 - the Rust side raises a bare Exception
+            raise CorruptFileError(
+                f"{p}: not a valid tokenizer.json ({exc}); rerun the tokenize stage, or copy the folder again"
+            ) from exc
     try:
         return Tokenizer.from_pretrained(str(path_or_id))
     except Exception as exc:  # noqa: BLE001 - the hub client raises many kinds
@@ -89,12 +96,12 @@ def pad_id(tok: Tokenizer) -> int:
 def encode_batch(tok: Tokenizer, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
     """Encode markup to ``input_ids [B, N]`` and ``attention_mask [B, N]`` (int64), padded to the longest item.
 
-    Items longer than ``max_length`` are truncated (and logged once per call).
+    Items longer than ``max_length`` are truncated to their first ``max_length`` tokens; that, markup pieces the
+    tokenizer does not know (``[UNK]``) and empty markup are each logged once per call with the items concerned.
     """
     encs = tok.encode_batch(list(texts))
     ids = [e.ids[:max_length] for e in encs]
-    if any(len(e.ids) > max_length for e in encs):
-        log.warning("%d markup item(s) truncated to %d tokens", sum(len(e.ids) > max_length for e in encs), max_length)
+    report_encoding_issues(tok, texts, encs, max_length)
     n = max(1, max(len(x) for x in ids))
     out = np.full((len(ids), n), pad_id(tok), dtype=np.int64)
     mask = np.zeros((len(ids), n), dtype=np.int64)
@@ -102,6 +109,31 @@ def encode_batch(tok: Tokenizer, texts: Sequence[str], max_length: int) -> tuple
         out[i, : len(row)] = row
         mask[i, : len(row)] = 1
     return out, mask
+
+
+def report_encoding_issues(tok: Tokenizer, texts: Sequence[str], encs: Sequence[Any], max_length: int) -> None:
+    """One warning line per kind of issue: truncation (tokens before -> kept), unknown pieces, empty markup."""
+    cut = [(i, len(e.ids), len(texts[i])) for i, e in enumerate(encs) if len(e.ids) > max_length]
+    if cut:
+        few = "; ".join(f"item {i}: {n} tokens ({c} characters)" for i, n, c in cut[:3]) + ("; ..." * (len(cut) > 3))
+        log.warning(
+            "%d markup item(s) longer than the model's %d text positions; each keeps its first %d tokens (%s)",
+            len(cut), max_length, max_length, few,
+        )  # fmt: skip
+    unk = tok.token_to_id(UNK)
+    unknown = []
+    for i, e in enumerate(encs):
+        pieces = [texts[i][a:b] for t, (a, b) in zip(e.ids, e.offsets, strict=True) if t == unk]
+        if pieces:
+            unknown.append(f"item {i}: {', '.join(repr(p) for p in pieces[:4])}" + (" ..." if len(pieces) > 4 else ""))
+    if unknown:
+        log.warning(
+            "%d markup item(s) hold pieces the tokenizer never saw in training, read as %s (%s)",
+            len(unknown), UNK, "; ".join(unknown[:3]) + ("; ..." if len(unknown) > 3 else ""),
+        )  # fmt: skip
+    empty = [i for i, t in enumerate(texts) if not t.strip()]
+    if empty:
+        log.warning("%d empty markup item(s) (items %s): drawn from no markup at all", len(empty), empty[:5])
 
 
 def empty_markup_like(tok: Tokenizer, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

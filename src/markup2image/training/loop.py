@@ -273,12 +273,34 @@ def _step_of(path: Path) -> int:
 def newest_checkpoint(folder: Path) -> Path | None:
     """The newest checkpoint folder ``step_<n>`` that was completely written (has the COMPLETE marker).
 
-    ``.tmp_step_<n>`` folders (a save that was cut off) never match.
+    ``.tmp_step_<n>`` folders (a save that was cut off) never match. A checkpoint whose files do not match its
+    marker's list (a file deleted or cut short since) is skipped with one line naming it; the next older one is used.
     """
     if not folder.exists():
         return None
     done = [p for p in folder.glob("step_*") if re.fullmatch(r"step_\d+", p.name) and (p / COMPLETE).exists()]
-    return max(done, key=_step_of, default=None)
+    for ckpt in sorted(done, key=_step_of, reverse=True):
+        problem = checkpoint_problem(ckpt)
+        if not problem:
+            return ckpt
+        log.warning("checkpoint %s is damaged (%s); skipped, trying the one before it", ckpt, problem)
+    return None
+
+
+def checkpoint_problem(ckpt: Path) -> str:
+    """'' when every file the checkpoint's COMPLETE marker lists is there with its size, else what is wrong."""
+    try:
+        listed = json.loads((ckpt / COMPLETE).read_text()).get("files", {})
+        json.loads((ckpt / TRAINER_STATE).read_text())["step"]
+    except (OSError, ValueError, KeyError, AttributeError) as exc:
+        return f"unreadable marker or {TRAINER_STATE}: {exc}"
+    for rel, size in listed.items():
+        path = ckpt / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        if path.stat().st_size != size:
+            return f"{rel} has {path.stat().st_size} bytes, {size} when saved"
+    return ""
 
 
 def build_model(params: Params, domain: str, tokenizer_dir: Path) -> MarkupToImageModel:
@@ -670,7 +692,8 @@ def save_checkpoint(
         (tmp / TRAINER_STATE).write_text(json.dumps(state))
         if live is not None and live.is_dir():
             shutil.copytree(live, tmp / LIVE_IN_CHECKPOINT)
-        (tmp / COMPLETE).write_text("ok\n")
+        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        (tmp / COMPLETE).write_text(json.dumps({"files": files}))  # what checkpoint_intact checks on resume
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         _prune_checkpoints(folder, keep)

@@ -43,6 +43,11 @@ _ERROR = re.compile(r"^doc\.ly:(\d+):\d+: error: (.*)$", re.MULTILINE)
 _UNSAFE = re.compile(r"[#$]|\\(include|book|bookpart|bookOutputName|bookOutputSuffix)\b")
 
 
+# ``\repeat unfold 30000 {...}`` keeps LilyPond busy for minutes; far fewer repeats already overflow any canvas.
+_REPEAT = re.compile(r"\\repeat\s+[a-z-]+\s+(\d+)")
+MAX_REPEATS = 64
+
+
 def lilypond_document(snippets: Sequence[str], cfg: DomainConfig) -> str:
     """One book, one ``\\score`` per line and per page; line ``FIRST_SNIPPET_LINE + i`` holds snippet ``i``."""
     dpi = cfg.dpi or DEFAULT_DPI
@@ -60,6 +65,12 @@ def lilypond_document(snippets: Sequence[str], cfg: DomainConfig) -> str:
 def check_snippet(markup: str) -> None:
     if not markup.strip():
         raise RenderError("empty", "the markup is empty")
+    for count in _REPEAT.findall(markup):
+        if int(count) > MAX_REPEATS:
+            raise RenderError(
+                "overflow",
+                f"\\repeat {count} times: more than {MAX_REPEATS} cannot fit a canvas (LilyPond hangs)",
+            )
     if _UNSAFE.search(markup):
         raise RenderError(
             "parse_error", "embedded Scheme (# or $), \\include and output-file commands are not rendered: no sandbox"
