@@ -11,26 +11,11 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+
+from markup2image import bench
+from markup2image.bench import emit
 
 log = logging.getLogger("markup2image")
-
-
-def _emit(obj: Any, out: Path | None) -> None:
-    """Write JSON to ``out`` (atomically) or to stdout."""
-    if out is None:
-        print(json.dumps(obj, indent=2))
-    else:
-        from markup2image.io import write_json
-
-        write_json(out, obj)
-        print(f"wrote {out}")
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _params(path: str):
@@ -92,7 +77,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         if not Path(d).is_dir():
             raise SystemExit(f"error: {d}: not a folder of images")
     result = score_folders(args.pred, args.gold, progress=True)
-    _emit(result, args.out)
+    emit(result, args.out)
     summary = result["summary"]
     blank = result["blank_baseline"]
     if not summary["n"]:
@@ -209,7 +194,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
         print(paper_table_markdown(paper_table(summary)), end="")
         return 0
-    _emit(summary, args.out)
+    emit(summary, args.out)
     return 0
 
 
@@ -222,7 +207,7 @@ def cmd_recipe(args: argparse.Namespace) -> int:
 
     for recipe in args.recipes:
         if args.check:
-            _emit(recipe_check(recipe, args.params), None)
+            emit(recipe_check(recipe, args.params), None)
             continue
         cmd = dvc_command(recipe, queue=args.queue or args.print_queue)
         print(shlex.join(cmd))
@@ -236,106 +221,7 @@ def cmd_recipe(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    params = _params(args.params)
-    if args.what == "metrics":
-        from markup2image.evaluation.bench import bench_metrics
-
-        result = bench_metrics(num_pairs=args.n or 32)
-    elif args.what == "render":
-        from markup2image.data.bench import bench_render
-
-        result = bench_render(args.domain or params.domains[0], args.engine, args.n or 200, params)
-    elif args.what == "sample":
-        from markup2image.bench_sample import bench_sample
-
-        if not args.model:
-            raise SystemExit("error: bench sample needs --model (a models/<domain>/model or export/<domain> folder)")
-        result = bench_sample(
-            args.model,
-            backends=tuple(args.backends),
-            batch_sizes=tuple(args.batch_sizes),
-            steps=tuple(args.steps_list or [args.steps]),
-            params=params,
-        )
-    elif args.what == "robustness":
-        from markup2image.data.robustness import bench_robustness
-
-        domains = tuple(args.domains or params.domains)
-        work = Path(args.work or "robustness_run")
-        timeout = args.timeout if args.timeout > 0 else None
-        result = bench_robustness(params, domains, args.n or 1000, work, trace=args.trace, timeout=timeout)
-    elif args.what == "steps":
-        return _bench_steps(args, params)
-    elif args.what == "curve":
-        return _bench_curve(args, params)
-    elif args.what == "train" and args.processes:
-        from markup2image.training.bench import bench_train_processes
-
-        result = bench_train_processes(params, processes=tuple(args.processes), steps=args.steps, domain=args.domain)
-    elif args.what == "train":
-        from markup2image.bench_train import bench_train
-
-        result = bench_train(
-            params,
-            objectives=tuple(args.objectives),
-            sizes=tuple(args.sizes),
-            steps=args.steps,
-            batch_size=args.batch,
-            domain=args.domain or params.domains[0],
-            device="cuda" if _cuda() else "cpu",
-        )
-    else:  # argparse restricts choices
-        raise SystemExit(f"error: unknown benchmark {args.what!r}")
-    _emit(result, args.out)
-    return 0
-
-
-def _bench_curve(args: argparse.Namespace, params: Any) -> int:
-    """The learning curve: JSON to ``--out`` with ``.md`` (table) and ``.png`` (plot) beside it."""
-    from markup2image.evaluation.curve import learning_curve, markdown_table, write_curve
-
-    if not args.rendered or not args.tokenized or not args.out:
-        raise SystemExit(
-            "error: bench curve needs --rendered, --tokenized (data/{rendered,tokenized}/<domain>) and --out FILE.json"
-        )
-    domain = args.domain or params.domains[0]
-    work = Path(args.work or args.out.with_name(args.out.stem + "_run"))
-    result = learning_curve(params, domain, args.rendered, args.tokenized, work, multiples=tuple(args.multiples))
-    write_curve(result, args.out)
-    print(markdown_table(result), file=sys.stderr)
-    print(f"wrote {args.out}, {args.out.with_suffix('.md')}, {args.out.with_suffix('.png')}")
-    return 0
-
-
-def _bench_steps(args: argparse.Namespace, params: Any) -> int:
-    """DTW against sampler steps: JSON to ``--out`` (or stdout), the markdown table beside it and to stderr."""
-    from markup2image.evaluation.steps import bench_steps, markdown_table
-
-    if not args.model or not args.rendered:
-        raise SystemExit(
-            "error: bench steps needs --model (models/<domain>/model) and --rendered (data/rendered/<domain>)"
-        )
-    try:
-        result = bench_steps(
-            args.model,
-            args.rendered,
-            samplers=tuple(args.samplers),
-            steps=tuple(args.steps_list or [1000, 250, 100, 50, 20]),
-            num_samples=args.n or params.evaluate.num_samples,
-            params=params,
-        )
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
-    _emit(result, args.out)
-    table = markdown_table(result)
-    if args.out is not None:
-        from markup2image.io import atomic_open
-
-        with atomic_open(args.out.with_suffix(".md")) as fh:
-            fh.write(table)
-        print(f"wrote {args.out.with_suffix('.md')}")
-    print(table, file=sys.stderr)
-    return 0
+    return bench.run(args, _params(args.params))
 
 
 # -- parser ---------------------------------------------------------------------------------------------------------
@@ -409,38 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rc.set_defaults(fn=cmd_recipe)
 
-    b = sub.add_parser("bench", help="benchmarks (JSON out)")
-    b.add_argument("what", choices=["metrics", "render", "robustness", "sample", "steps", "train", "curve"])
-    b.add_argument("--domain")
-    b.add_argument("--domains", nargs="+", help="robustness: domains to try (default: params.yaml's domains)")
-    b.add_argument("--trace", action="store_true", help="robustness: run the stage under strace (file, network)")
-    b.add_argument("--timeout", type=float, default=0, help="robustness: render.timeout for the run (0: params')")
-    b.add_argument("--engine")
-    b.add_argument("--model", help="bench sample: a trained model or an export folder; steps: a trained model")
-    b.add_argument("--rendered", help="steps, curve: the rendered data of the domain (data/rendered/<domain>)")
-    b.add_argument("--tokenized", help="curve: the tokenized data of the domain (data/tokenized/<domain>)")
-    b.add_argument("--multiples", type=float, nargs="+", default=[1, 2, 4, 8], help="curve: budgets x train.steps")
-    b.add_argument(
-        "--work", help="curve: folder for the run (checkpoints, snapshots, evaluations); robustness: scratch folder"
-    )
-    b.add_argument(
-        "-n", "--num-samples", dest="n", type=int, default=0, help="items/pairs to time; steps: test items to score"
-    )
-    b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
-    b.add_argument("--steps", type=int, default=20, help="sample: sampler steps; train: timed steps")
-    b.add_argument("--steps-list", type=int, nargs="+", help="sample, steps: several step counts")
-    b.add_argument("--samplers", nargs="+", default=["ddpm", "ddim", "dpm_solver"], help="steps: samplers to compare")
-    b.add_argument(
-        "--backends",
-        nargs="+",
-        default=["torch", "onnxruntime"],
-        help="sample: torch, torch_fast (CUDA), torch_no_kv_cache, onnxruntime, tensorrt",
-    )
-    b.add_argument("--objectives", nargs="+", default=["ddpm", "ss_dm", "cdcd", "fsa_cdm"])
-    b.add_argument("--sizes", nargs="+", default=["tiny"], help="train: tiny, paper, params")
-    b.add_argument("--batch", type=int, default=None, help="train: images per step (default 8; 2 for paper)")
-    b.add_argument("--processes", type=int, nargs="+", help="train: time the real train stage at these process counts")
-    b.add_argument("--out", type=Path)
+    b = sub.add_parser("bench", help="benchmarks, JSON out: markup2image bench NAME --help for one bench's flags")
+    bench.add_parsers(b)
     b.set_defaults(fn=cmd_bench)
     return p
 

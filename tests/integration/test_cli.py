@@ -188,3 +188,17 @@ def test_render_and_sample_a_markup_file_then_score_the_pairs(tmp_path):
     assert main(["score", "--pred", str(pred), "--gold", str(gold), "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["summary"]["n"] == 4 and result["missing_gold"] and "edit_accuracy" in result["summary"]
+
+
+def test_each_bench_has_its_own_flags_only(capsys):
+    from markup2image.bench import BENCHES
+
+    flags = {}
+    for name in BENCHES:
+        with pytest.raises(SystemExit):
+            main(["bench", name, "--help"])
+        flags[name] = {w.strip(",") for w in capsys.readouterr().out.split() if w.startswith("--")}
+    assert "--backends" in flags["sample"] and "--samplers" not in flags["sample"]
+    assert "--samplers" in flags["steps"] and "--backends" not in flags["steps"]
+    assert "--trace" in flags["robustness"] and not any("--trace" in flags[n] for n in BENCHES if n != "robustness")
+    assert {"--multiples", "--tokenized"} <= flags["curve"] and "--processes" not in flags["curve"]

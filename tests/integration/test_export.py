@@ -302,7 +302,7 @@ def test_export_config_rejects_opset_outside_17_to_20() -> None:
 
 @pytest.mark.slow
 def test_bench_sample_times_both_backends(exported: tuple[Path, Path, dict]) -> None:
-    from markup2image.bench_sample import bench_sample
+    from markup2image.bench.sample import bench_sample
 
     _, out_dir, _ = exported
     report = bench_sample(

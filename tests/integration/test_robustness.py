@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from markup2image.bench.robustness import run_domain, strace_available, trace_violations
 from markup2image.config import Params, RenderConfig, to_dict
 from markup2image.data.hostile import KINDS, hostile_corpus
 from markup2image.data.renderers.math_latex import TEX_ENV, latex_document
-from markup2image.data.robustness import run_domain, strace_available, trace_violations
 from markup2image.io import read_json, read_jsonl, write_jsonl
 
 TOOLS = {"math": "latex", "music": "lilypond"}

@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
+from markup2image.bench.render import bench_render
 from markup2image.config import load_params
-from markup2image.data.bench import bench_render
 
 
 def _check(result: dict, n: int) -> None:

@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
+from markup2image.bench.curve import curve_params, markdown_table, plot_curve
 from markup2image.config import ConfigError, Params
-from markup2image.evaluation.curve import curve_params, markdown_table, plot_curve
 
 
 def _params(schedule: str = "constant", steps: int = 100) -> Params:

@@ -22,8 +22,8 @@ from torchmetrics.functional.image import (
     relative_average_spectral_error,
 )
 
+from markup2image.bench.metrics import bench_metrics, synthetic_pair
 from markup2image.evaluation import metrics as M
-from markup2image.evaluation.bench import bench_metrics, synthetic_pair
 from markup2image.evaluation.image_edit import EDIT_KEYS, PAIR_KEYS
 from markup2image.evaluation.report import save_comparison_grid, save_image_grid
 from markup2image.evaluation.score import score_arrays, score_folders

@@ -11,12 +11,12 @@ import pytest
 import torch
 from tiny_models import TINY_MODEL
 
+from markup2image.bench.steps import bench_steps, markdown_table
 from markup2image.cli import main
 from markup2image.config import DiffusionConfig, DomainConfig, Params
 from markup2image.diffusion.sampling import sample_images, to_uint8
 from markup2image.evaluation.evaluate import select_test_items
 from markup2image.evaluation.metrics import score_pair
-from markup2image.evaluation.steps import bench_steps, markdown_table
 from markup2image.io import load_image, read_jsonl, save_png, write_jsonl
 from markup2image.models.model import MarkupToImageModel
 from markup2image.text.tokenizer import TOKENIZER_FILE, encode_batch, train_bpe
@@ -91,7 +91,7 @@ def test_cli_writes_json_and_markdown(folders: tuple[Path, Path], tmp_path: Path
     model_dir, rendered = folders
     out = tmp_path / "steps.json"
     argv = ["--params", str(tmp_path / "none.yaml"), "bench", "steps", "--model", str(model_dir)]
-    argv += ["--rendered", str(rendered), "--steps-list", "5", "3", "--samplers", "ddim", "--num-samples", "2"]
+    argv += ["--rendered", str(rendered), "--steps", "5", "3", "--samplers", "ddim", "--num-samples", "2"]
     assert main([*argv, "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert [(r["sampler"], r["steps"]) for r in result["rows"]] == [("ddim", 5), ("ddim", 3)]

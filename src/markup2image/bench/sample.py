@@ -34,39 +34,8 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "torch_fast", "torch_no_kv_cache", "onnxruntime", "tensorrt")
 
-# Run one sampling pass of one backend in a fresh interpreter and print its peak RSS.
-_MEMORY_PROBE = """
-import json, resource, sys
-backend, export_dir, model_dir, batch, length, steps, threads = json.loads(sys.argv[1])
-import numpy as np
-ids = np.random.default_rng(0).integers(4, 30, (batch, length)).astype(np.int64)
-mask = np.ones_like(ids)
-if backend.startswith("torch"):
-    import torch
-    from markup2image.bench_sample import _diffusion_from_manifest
-    from markup2image.diffusion.sampling import sample_images
-    from markup2image.models.model import load_model
-    from markup2image.runtime.manifest import load_manifest
-    if threads:
-        torch.set_num_threads(threads)
-    model = load_model(model_dir)
-    sample_images(model, torch.from_numpy(ids), torch.from_numpy(mask), sampler="ddim", steps=steps, seed=0,
-                  diffusion=_diffusion_from_manifest(load_manifest(export_dir)),
-                  kv_cache=backend != "torch_no_kv_cache")
-else:
-    from markup2image.runtime.sampler import ExportedModel
-    ExportedModel(export_dir, backend=backend, threads=threads or None).sample(ids, mask, sampler="ddim",
-                                                                               steps=steps, seed=0)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-try:  # VmHWM belongs to this process image; ru_maxrss can carry the forking parent's peak across exec
-    peak = int(next(x for x in open("/proc/self/status") if x.startswith("VmHWM")).split()[1])
-except (OSError, StopIteration):
-    pass
-print("PEAK_RSS_KB", peak)
-"""
 
-
-def _diffusion_from_manifest(manifest: dict[str, Any]) -> Any:
+def diffusion_from_manifest(manifest: dict[str, Any]) -> Any:
     from markup2image.config import DiffusionConfig
 
     s = manifest["scheduler"]
@@ -122,7 +91,7 @@ def _torch_runner(
         torch.set_num_threads(threads)
     device = torch.device("cuda" if fast else "cpu")
     model = load_model(model_dir, map_location=device).to(device)
-    diffusion = _diffusion_from_manifest(manifest)
+    diffusion = diffusion_from_manifest(manifest)
     if fast:
         model = _FastDenoiser(model)
 
@@ -216,7 +185,8 @@ def peak_rss_mb(
 ) -> float:
     """Peak resident memory (MB) of loading ``backend`` and sampling one batch, in a fresh interpreter."""
     args = json.dumps([backend, str(export_dir), str(model_dir or ""), batch, length, steps, threads])
-    proc = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, args], capture_output=True, text=True, timeout=1800)
+    cmd = [sys.executable, "-m", "markup2image.bench.memory_probe", args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("PEAK_RSS_KB")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"memory probe for {backend} failed: {proc.stderr[-1500:]}")
@@ -335,3 +305,11 @@ def _speedups(results: list[dict[str, Any]]) -> dict[str, float]:
         if r["backend"] != "torch" and key in base:
             out[f"{r['backend']}_vs_torch/b{key[0]}_s{key[1]}"] = round(base[key] / r["seconds_per_step"], 2)
     return out
+
+
+def run(args: Any, params: Any) -> dict[str, Any]:
+    """``markup2image bench sample``."""
+    return bench_sample(
+        args.model, backends=tuple(args.backends), batch_sizes=tuple(args.batch_sizes), steps=tuple(args.steps),
+        params=params,
+    )  # fmt: skip

@@ -14,9 +14,11 @@ import logging
 import platform
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
+from markup2image.bench.train_processes import bench_train_processes
 from markup2image.config import Params
 from markup2image.diffusion.objectives import TrainBatch, get_objective, noise_scheduler
 from markup2image.models.model import MarkupToImageModel
@@ -126,3 +128,14 @@ def bench_train(
         "torch": torch.__version__,
         "machine": platform.machine(),
     }
+
+
+def run(args: Any, params: Params) -> dict[str, Any]:
+    """``markup2image bench train``: per objective and size, or (``--processes``) the real train stage."""
+    if args.processes:
+        return bench_train_processes(params, processes=tuple(args.processes), steps=args.steps, domain=args.domain)
+    return bench_train(
+        params, objectives=tuple(args.objectives), sizes=tuple(args.sizes), steps=args.steps,
+        batch_size=args.batch, domain=args.domain or params.domains[0],
+        device="cuda" if torch.cuda.is_available() else "cpu",
+    )  # fmt: skip

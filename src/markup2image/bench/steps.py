@@ -14,6 +14,7 @@ and named in ``skipped``.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +27,7 @@ from markup2image.data.layouts import load_layouts
 from markup2image.diffusion.sampling import SAMPLERS, check_steps
 from markup2image.evaluation.evaluate import device_name, guidance_scales, sample_items, select_test_items
 from markup2image.evaluation.score import score_arrays
-from markup2image.io import load_image, read_jsonl
+from markup2image.io import atomic_open, load_image, read_jsonl
 from markup2image.models.model import load_model, trained_diffusion
 from markup2image.text.tokenizer import load_tokenizer
 
@@ -150,3 +151,21 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"{result['parameters']:,} parameters, {result['device']}; model {result['model']}"
     )
     return "\n".join(lines) + f"\n\n{caption}\n"
+
+
+def run(args: Any, params: Params) -> dict[str, Any]:
+    """``markup2image bench steps``: the JSON result, with the markdown table beside ``--out`` and on stderr."""
+    try:
+        result = bench_steps(
+            args.model, args.rendered, samplers=tuple(args.samplers), steps=tuple(args.steps),
+            num_samples=args.n or params.evaluate.num_samples, params=params,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    table = markdown_table(result)
+    if args.out is not None:
+        with atomic_open(args.out.with_suffix(".md")) as fh:
+            fh.write(table)
+        print(f"wrote {args.out.with_suffix('.md')}")
+    print(table, file=sys.stderr)
+    return result

@@ -81,3 +81,8 @@ def bench_metrics(num_pairs: int = 32, height: int = 64, width: int = 320, seed:
         },
         "metrics": results,
     }
+
+
+def run(args: Any, params: Any) -> dict[str, Any]:
+    """``markup2image bench metrics``."""
+    return bench_metrics(num_pairs=args.n)

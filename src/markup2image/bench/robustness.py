@@ -203,3 +203,10 @@ def bench_robustness(
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
     }
+
+
+def run(args: Any, params: Params) -> dict[str, Any]:
+    """``markup2image bench robustness``."""
+    domains = tuple(args.domains or params.domains)
+    timeout = args.timeout if args.timeout > 0 else None
+    return bench_robustness(params, domains, args.n, Path(args.work), trace=args.trace, timeout=timeout)

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -141,3 +142,13 @@ def write_curve(result: dict[str, Any], out: Path) -> None:
     write_json(out, result)
     out.with_suffix(".md").write_text(markdown_table(result))
     plot_curve(result, out.with_suffix(".png"))
+
+
+def run(args: Any, params: Params) -> None:
+    """``markup2image bench curve``: JSON to ``--out`` with ``.md`` (table) and ``.png`` (plot) beside it."""
+    domain = args.domain or params.domains[0]
+    work = Path(args.work or args.out.with_name(args.out.stem + "_run"))
+    result = learning_curve(params, domain, args.rendered, args.tokenized, work, multiples=tuple(args.multiples))
+    write_curve(result, args.out)
+    print(markdown_table(result), file=sys.stderr)
+    print(f"wrote {args.out}, {args.out.with_suffix('.md')}, {args.out.with_suffix('.png')}")

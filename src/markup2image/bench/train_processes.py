@@ -6,19 +6,16 @@ the rendered + tokenized folders given). Images/s comes from DVCLive's ``train/i
 training seconds of each step, measured on rank 0 around the step, so start-up, checkpoint and log I/O are left
 out); the first ``warmup`` steps are dropped. Speed targets live here, never in timed tests.
 
-``python -m markup2image.training.bench --params params.yaml --processes 1 2 --steps 12 --out bench.json``
+``python -m markup2image.bench.train_processes --params params.yaml --processes 1 2 --steps 12 --out bench.json``
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
 import os
 import platform
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -26,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from markup2image.config import Params, load_params, to_dict
+from markup2image.config import Params, to_dict
 from markup2image.training.launch import launch_command, launch_env, preflight
 from markup2image.training.synthetic import write_synthetic_training_set
 
@@ -113,29 +110,3 @@ def bench_train_processes(
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
     }
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--domain")
-    p.add_argument("--processes", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--out", type=Path, help="JSON file (default: stdout)")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    result = bench_train_processes(
-        load_params(args.params), tuple(args.processes), args.steps, args.warmup, domain=args.domain
-    )
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    else:
-        sys.stdout.write(text + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

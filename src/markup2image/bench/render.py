@@ -18,6 +18,7 @@ import platform
 import resource
 import time
 from collections import Counter
+from typing import Any
 
 from markup2image.config import Params
 from markup2image.data.download import grammar_of
@@ -74,3 +75,8 @@ def bench_render(domain: str, engine: str | None, num_items: int, params: Params
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
     }
+
+
+def run(args: Any, params: Params) -> dict:
+    """``markup2image bench render``."""
+    return bench_render(args.domain or params.domains[0], args.engine, args.n, params)
