@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from markup2image.export.onnx_export import UNET_AXES, UNET_OUTPUTS, UNetForExport, export_onnx, unet_inputs
+from markup2image.export.graphs import UNET_AXES, UNET_OUTPUTS, UNetForExport, export_onnx, unet_inputs
 from markup2image.models.ccam import ContextAwareCrossAttention
 from markup2image.models.model import MarkupToImageModel
 from markup2image.recipes import recipe_params

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from markup2image.config import ConfigError, Params, params_from_dict
+from markup2image.models.summary import attention_layout, parameter_summary
 
 PAPER_RECIPES = Path("configs") / "paper"
 
@@ -74,7 +75,6 @@ def dvc_command(recipe: str | Path, queue: bool = True, name: str | None = None)
 def recipe_check(recipe: str | Path, params_file: str | Path = "params.yaml") -> dict[str, Any]:
     """Validate a recipe against ``params_file`` and build its model on the meta device: the training budget,
     the attention layout (head count, cross-attention and CCAM sites) and the parameter groups, as JSON."""
-    from markup2image.models.summary import attention_layout, parameter_summary
 
     name, _ = load_recipe(recipe)
     params = recipe_params(recipe, params_file)

@@ -19,8 +19,9 @@ from PIL import Image
 
 from markup2image.config import DomainConfig, ExportConfig, ModelConfig, Params
 from markup2image.diffusion.sampling import sample_images, scheduler_config, to_uint8
-from markup2image.export import onnx_export
-from markup2image.export.onnx_export import export_model, export_onnx
+from markup2image.export import graphs, onnx_export
+from markup2image.export.graphs import export_onnx
+from markup2image.export.onnx_export import export_model
 from markup2image.export.parity import ExportParityError, run_parity
 from markup2image.models.model import MarkupToImageModel, load_model
 from markup2image.runtime.manifest import MANIFEST, load_manifest, sha256_file
@@ -110,8 +111,8 @@ def test_onnx_runs_at_other_batch_and_length_like_torch(exported: tuple[Path, Pa
     model_dir, out_dir, _ = exported
     model = load_model(model_dir)
     g = torch.Generator().manual_seed(batch * 100 + length)
-    enc_in = onnx_export.encoder_inputs(batch, length, model.vocab_size, g)
-    unet_in = onnx_export.unet_inputs(batch, length, (1, 16, 32), 32, 1000, g)
+    enc_in = graphs.encoder_inputs(batch, length, model.vocab_size, g)
+    unet_in = graphs.unet_inputs(batch, length, (1, 16, 32), 32, 1000, g)
     with torch.no_grad():
         want_hidden = model.encode(*enc_in.values()).numpy()
         want_eps = model.denoise(*unet_in.values()).numpy()
@@ -270,7 +271,7 @@ def test_zero_tolerance_fails_parity(exported: tuple[Path, Path, dict], tmp_path
 def test_big_graphs_keep_weights_in_one_external_data_file(
     exporter: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 1000)  # this 132 kB MLP counts as big
+    monkeypatch.setattr(graphs, "EXTERNAL_DATA_BYTES", 1000)  # this 132 kB MLP counts as big
     torch.manual_seed(0)
     mlp = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
     x = torch.randn(2, 5, 64)

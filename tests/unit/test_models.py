@@ -459,7 +459,7 @@ def test_compiled_unet_reads_the_prefilled_cache_in_one_graph():
 
 def test_export_ignores_an_active_kv_cache(tmp_path):
     """ONNX export inside a prefilled cache still computes K/V in the graph (no markup baked in as constants)."""
-    from markup2image.export.onnx_export import export_ready_unet
+    from markup2image.export.graphs import export_ready_unet
     from markup2image.models.position import cross_attention_kv_cache
 
     model = _model(ccam=True)
@@ -488,7 +488,7 @@ def test_export_processor_matches_the_stock_diffusers_one(cross):
     """MaskBiasAttnProcessor (what export swaps in for AttnProcessor2_0) computes the same attention."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from markup2image.export.onnx_export import MaskBiasAttnProcessor
+    from markup2image.export.graphs import MaskBiasAttnProcessor
 
     torch.manual_seed(0)
     attn = Attention(query_dim=8, cross_attention_dim=6 if cross else None, heads=2, dim_head=4)

@@ -30,13 +30,20 @@ from typing import Any
 
 import numpy as np
 
+from markup2image.config import DiffusionConfig, Params
+from markup2image.diffusion.sampling import sample_images
+from markup2image.export.onnx_export import export_model
+from markup2image.models.model import load_model
+from markup2image.runtime.manifest import MANIFEST, load_manifest
+from markup2image.runtime.sampler import ExportedModel
+from markup2image.runtime.tensorrt_runner import tensorrt_status
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "torch_fast", "torch_no_kv_cache", "onnxruntime", "tensorrt")
 
 
 def diffusion_from_manifest(manifest: dict[str, Any]) -> Any:
-    from markup2image.config import DiffusionConfig
 
     s = manifest["scheduler"]
     return DiffusionConfig(
@@ -49,7 +56,6 @@ def diffusion_from_manifest(manifest: dict[str, Any]) -> Any:
 
 def _resolve(path: Path, params: Any, work: Path) -> tuple[Path, Path | None, float | None]:
     """``(export_dir, model_dir or None, export seconds or None)`` for a model folder or an exported folder."""
-    from markup2image.runtime.manifest import MANIFEST, load_manifest
 
     if (path / MANIFEST).exists():
         model_dir = Path(load_manifest(path).get("source", {}).get("model_dir", ""))
@@ -59,8 +65,6 @@ def _resolve(path: Path, params: Any, work: Path) -> tuple[Path, Path | None, fl
             f"{path}: neither an exported folder (manifest.json) nor a model folder "
             "(model_config.json); pass export/<domain> or models/<domain>/model"
         )
-    from markup2image.config import Params
-    from markup2image.export.onnx_export import export_model
 
     t0 = time.perf_counter()
     export_model(path, work / "export", params or Params(), progress=False)
@@ -83,9 +87,6 @@ def _torch_runner(
 ) -> Callable[..., Any]:
     """``run(ids, mask, steps)`` through ``sample_images``; ``fast``: the CUDA bf16/compile path."""
     import torch
-
-    from markup2image.diffusion.sampling import sample_images
-    from markup2image.models.model import load_model
 
     if threads:
         torch.set_num_threads(threads)
@@ -145,7 +146,6 @@ class _FastDenoiser:
 
 
 def _runtime_runner(export_dir: Path, backend: str, threads: int | None) -> Callable[..., Any]:
-    from markup2image.runtime.sampler import ExportedModel
 
     model = ExportedModel(export_dir, backend=backend, threads=threads)
 
@@ -166,8 +166,6 @@ def _skip_reason(backend: str, model_dir: Path | None) -> str | None:
         if not torch.cuda.is_available():
             return "needs a CUDA GPU (bf16, channels-last, torch.compile, CUDA graphs); this machine has none"
     if backend == "tensorrt":
-        from markup2image.runtime.tensorrt_runner import tensorrt_status
-
         ok, reason = tensorrt_status()
         if not ok:
             return reason
@@ -249,8 +247,6 @@ def bench_sample(
         memory: also measure each backend's peak RSS in a subprocess at the largest batch size.
     """
     import torch
-
-    from markup2image.runtime.manifest import load_manifest
 
     threads = threads or torch.get_num_threads()
     path = Path(model_dir_or_export_dir)

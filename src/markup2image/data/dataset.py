@@ -21,7 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from markup2image.data.layouts import load_layouts
 from markup2image.io import CorruptFileError, load_image, png_complete, read_jsonl
+from markup2image.models.hcma import item_layout, stack_layouts
+from markup2image.text.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +79,6 @@ class MarkupImageDataset(torch.utils.data.Dataset):
         self._tokenizer: Any = None
         self._item_layouts: dict[int, Any] = {}  # item index -> ItemLayout or None, built on first use
         if layouts:
-            from markup2image.data.layouts import load_layouts
-            from markup2image.text.tokenizer import load_tokenizer
-
             self.layouts = load_layouts(self.root)
             self._tokenizer = load_tokenizer(tokenized_dir)
             with_layout = sum(r["id"] in self.layouts for r in rows)
@@ -99,7 +99,6 @@ class MarkupImageDataset(torch.utils.data.Dataset):
         return self._item_layouts[i]
 
     def _build_layout(self, i: int, image_size: tuple[int, int]) -> Any:
-        from markup2image.models.hcma import item_layout
 
         row = self.rows[i]
         boxes = self.layouts.get(row["id"]) if self.layouts is not None else None
@@ -134,7 +133,5 @@ def collate(items: list[tuple], pad_id: int = 0) -> dict[str, Any]:
     keys = torch.tensor([it[2] for it in items], dtype=torch.long)
     out: dict[str, Any] = {"images": images, "input_ids": ids, "attention_mask": mask, "markup_keys": keys}
     if len(items[0]) > 3:
-        from markup2image.models.hcma import stack_layouts
-
         out["layout"] = stack_layouts([it[3] for it in items], n)
     return out

@@ -27,8 +27,12 @@ import numpy as np
 import torch
 
 from markup2image.config import DiffusionConfig
+from markup2image.data.layouts import draw_boxes, read_layout_file
 from markup2image.diffusion.sampling import make_scheduler, sample_images, to_uint8
-from markup2image.models.hcma import HcmaModule, LayoutBatch
+from markup2image.io import save_png
+from markup2image.models.hcma import HcmaModule, LayoutBatch, layout_batch, load_hcma
+from markup2image.models.model import MODEL_CONFIG, load_model
+from markup2image.text.tokenizer import encode_batch, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -185,11 +189,6 @@ def sample_with_layout(
     model's training params. Raises ``ValueError`` naming the file or key on bad input (a box outside the image,
     a segment outside the markup, no box naming any segment).
     """
-    from markup2image.data.layouts import draw_boxes, read_layout_file
-    from markup2image.io import save_png
-    from markup2image.models.hcma import layout_batch, load_hcma
-    from markup2image.models.model import MODEL_CONFIG, load_model
-    from markup2image.text.tokenizer import encode_batch, load_tokenizer
 
     model_dir = Path(model_dir)
     if not (model_dir / MODEL_CONFIG).exists():

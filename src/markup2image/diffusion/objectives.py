@@ -55,7 +55,7 @@ from markup2image.diffusion.losses import (
 )
 from markup2image.diffusion.sampling import scheduler_config
 from markup2image.models.hcma import HcmaBatch
-from markup2image.models.model import DenoiserOutput
+from markup2image.models.model import DenoiserOutput, unwrap_model
 
 __all__ = [
     "OBJECTIVES",
@@ -132,7 +132,6 @@ def noise_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    from markup2image.models.model import unwrap_model
 
     return unwrap_model(model)
 

@@ -22,12 +22,17 @@ import torch
 from tqdm.auto import tqdm
 
 from markup2image.config import DiffusionConfig, Params
+from markup2image.data.layouts import load_layouts
 from markup2image.diffusion.guidance import guided_sample_images
 from markup2image.diffusion.sampling import to_uint8
 from markup2image.evaluation.image_edit import EDIT_KEYS
+from markup2image.evaluation.layout_metrics import layout_scores, mean_layout_scores
 from markup2image.evaluation.markup_use import markup_use_from_arrays
 from markup2image.evaluation.metrics import METRIC_NAMES
+from markup2image.evaluation.report import save_comparison_grid
+from markup2image.evaluation.score import score_arrays
 from markup2image.io import load_image, read_jsonl, save_png, write_json
+from markup2image.models.hcma import layout_batch
 from markup2image.models.model import load_model
 from markup2image.text.tokenizer import empty_markup_like, encode_batch, load_tokenizer
 
@@ -54,9 +59,6 @@ def device_name() -> str:
 
 def evaluate(params: Params, domain: str, model_dir: Path, rendered_dir: Path, out_dir: Path) -> dict:
     """Sample, score and write ``metrics.json``, ``scores.json``, ``grid.png`` and ``samples/`` into ``out_dir``."""
-    from markup2image.data.layouts import load_layouts
-    from markup2image.evaluation.report import save_comparison_grid
-    from markup2image.evaluation.score import score_arrays
 
     cfg = params.evaluate
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -175,7 +177,6 @@ def guidance_scales(params: Params, model: torch.nn.Module) -> dict[str, float]:
 
 def _chunk_layout(model: torch.nn.Module, tok, chunk: list[dict], layouts: dict, num_tokens: int):
     """The renderer layouts of a batch of test items (items without one get no boxes)."""
-    from markup2image.models.hcma import layout_batch
 
     hw = (model.image.height, model.image.width)
     return layout_batch(
@@ -187,7 +188,6 @@ def _chunk_layout(model: torch.nn.Module, tok, chunk: list[dict], layouts: dict,
 def layout_accuracy(preds: list[np.ndarray], golds: list[np.ndarray], layouts: list) -> dict[str, float]:
     """Mean ``layout_f1`` / ``ink_in_boxes`` / ``box_fill`` of the samples over the items with a layout (against the
     gold image's ink), and how many items that was; empty when no item has one."""
-    from markup2image.evaluation.layout_metrics import layout_scores, mean_layout_scores
 
     scored = [layout_scores(p, boxes, gold=g) for p, g, boxes in zip(preds, golds, layouts) if boxes]
     if not scored:

@@ -32,6 +32,7 @@ from markup2image.io import atomic_open, save_png, write_json, write_jsonl
 from markup2image.models.hcma import layout_batch
 from markup2image.models.model import load_model
 from markup2image.text.tokenizer import TOKENIZER_FILE, encode_batch, load_tokenizer, train_bpe
+from markup2image.training.loop import TrainPaths, train
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,6 @@ def run_grounded_demo(
 ) -> dict:
     """Train, sample, score; write ``grounded_grid.png`` and ``grounded_metrics.json`` into ``out_dir``.
     ``reuse``: sample with the model a previous run left in ``out_dir/work`` (e.g. to try other scales)."""
-    from markup2image.training.loop import TrainPaths, train
 
     work = out_dir / "work"
     items = write_demo_set(work)

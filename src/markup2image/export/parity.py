@@ -25,6 +25,7 @@ from torch import nn
 from markup2image.config import Params
 from markup2image.diffusion.sampling import sample_images
 from markup2image.diffusion.sampling import to_uint8 as torch_to_uint8
+from markup2image.export.graphs import encoder_inputs, unet_inputs
 from markup2image.io import write_json
 from markup2image.runtime.sampler import ExportedModel
 from markup2image.runtime.sampler import to_uint8 as numpy_to_uint8
@@ -51,7 +52,6 @@ def call_parity(
     model: nn.Module, exported: ExportedModel, params: Params, shapes: tuple[tuple[int, int], ...], seed: int = 1
 ) -> list[dict[str, Any]]:
     """Per-call ``max |Δ|`` of the encoder and the U-Net at each ``(B, N)`` in ``shapes`` on fresh random inputs."""
-    from markup2image.export.onnx_export import encoder_inputs, unet_inputs  # onnx_export imports this module
 
     g = torch.Generator().manual_seed(seed)
     img = model.image

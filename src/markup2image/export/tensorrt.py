@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from markup2image.config import ConfigError, Params
+from markup2image.export.graphs import UNET_AXES, UNET_OUTPUTS, UNetForExport, export_onnx, unet_inputs
 from markup2image.runtime.tensorrt_runner import TENSORRT_INSTALL_HINT, import_tensorrt, tensorrt_status
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,6 @@ class HalfUNetForExport(nn.Module):
 
 def export_fp16_unet(model: nn.Module, out_dir: Path, params: Params, device: str = "cuda") -> Path:
     """Write ``unet_fp16.onnx`` (half-precision U-Net, fp32 I/O) traced on ``device``."""
-    from markup2image.export.onnx_export import UNET_AXES, UNET_OUTPUTS, UNetForExport, export_onnx, unet_inputs
 
     g = torch.Generator().manual_seed(0)
     img = model.image

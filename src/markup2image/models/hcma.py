@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
 
-from markup2image.config import DomainConfig, HcmaConfig
+from markup2image.config import DomainConfig, HcmaConfig, _check_type
 from markup2image.data.layouts import LayoutBox, whitespace_token_chars
 from markup2image.io import atomic_open
 
@@ -526,7 +526,6 @@ def save_hcma(module: HcmaModule, folder: str | Path) -> None:
 
 
 def _module_from_config(cfg: dict[str, Any], source: str) -> HcmaModule:
-    from markup2image.config import _check_type
 
     hcma = _check_type(cfg["hcma"], HcmaConfig, f"{source}.hcma")
     image = _check_type(cfg["image"], DomainConfig, f"{source}.image")

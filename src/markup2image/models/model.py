@@ -28,7 +28,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from markup2image.config import DiffusionConfig, DomainConfig, HcmaConfig, ModelConfig
+from markup2image.config import DiffusionConfig, DomainConfig, HcmaConfig, ModelConfig, _check_type
 from markup2image.io import CorruptFileError, atomic_open
 from markup2image.models.encoder import PretrainedMarkupEncoder, TransformerMarkupEncoder
 from markup2image.models.fsa import FineGrainedSequenceAlignment
@@ -260,7 +260,6 @@ class MarkupToImageModel(nn.Module):
 
 def model_from_config(cfg: dict[str, Any]) -> MarkupToImageModel:
     """Rebuild an (untrained) model from a ``model_config.json`` dict."""
-    from markup2image.config import _check_type
 
     model_cfg = _check_type(cfg["model"], ModelConfig, "model_config.model")
     image = _check_type(cfg["image"], DomainConfig, "model_config.image")
@@ -280,7 +279,6 @@ def model_from_config(cfg: dict[str, Any]) -> MarkupToImageModel:
 def diffusion_of(cfg: dict[str, Any]) -> DiffusionConfig:
     """The diffusion config (schedule, parameterisation) of a ``model_config.json`` dict: its own ``diffusion``
     entry, else (folders written before it existed) the saved params', else the defaults."""
-    from markup2image.config import _check_type
 
     saved = cfg.get("diffusion") or cfg.get("params", {}).get("diffusion")
     return _check_type(saved, DiffusionConfig, "model_config.diffusion") if saved else DiffusionConfig()

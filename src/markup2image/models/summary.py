@@ -27,6 +27,7 @@ import torch
 from markup2image.config import ModelConfig, Params
 from markup2image.models.ccam import ContextAwareCrossAttention
 from markup2image.models.model import MarkupToImageModel
+from markup2image.models.unet_parts import transformer_sites
 
 ModelSize = Literal["tiny", "params", "paper"]
 MODEL_SIZES: tuple[str, ...] = ("tiny", "params", "paper")
@@ -150,7 +151,6 @@ def _meta_model(params: Params, domain: str, vocab_size: int, size: str = "param
 def attention_layout(params: Params, domain: str, size: str = "params") -> dict:
     """Where the U-Net attends to the markup: cross-attention sites (CCAM and plain), their levels, feature-map
     sizes and head counts (diffusers' ``attention_head_dim`` is the head count of ``UNet2DConditionModel``)."""
-    from markup2image.models.unet_parts import transformer_sites
 
     model = _meta_model(params, domain, 512, size)
     sites = [s for s in transformer_sites(model.unet, model.image) if s.block.attn2 is not None]

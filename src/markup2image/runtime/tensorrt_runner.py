@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from markup2image.runtime.onnx_runner import OnnxRuntimeDenoiser
+
 log = logging.getLogger(__name__)
 
 MIN_TENSORRT_MAJOR = 10
@@ -110,8 +112,6 @@ class TensorRTDenoiser:
             )
         self.trt = import_tensorrt()
         self.cudart = import_cudart()
-        from markup2image.runtime.sampler import OnnxRuntimeDenoiser
-
         self.encoder = OnnxRuntimeDenoiser(folder, manifest, load_unet=False)
         logger = self.trt.Logger(self.trt.Logger.WARNING)
         engine_bytes = (Path(folder) / record["engine"]).read_bytes()

@@ -16,7 +16,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from markup2image.io import CorruptFileError
+from markup2image.io import CorruptFileError, atomic_open, read_jsonl, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,6 @@ def tokenize_corpus(
     Writes ``out_dir/tokenizer.json`` and ``out_dir/<split>.jsonl`` rows ``{"id", "ids"}``. Returns counts, the
     vocabulary size and, per split, how many items were truncated (``truncated``, ``truncation_rate``).
     """
-    from markup2image.io import atomic_open, read_jsonl, write_json, write_jsonl
 
     rendered_dir, out_dir = Path(rendered_dir), Path(out_dir)
     splits = {s: read_jsonl(rendered_dir / f"{s}.jsonl") for s in ("train", "val", "test")}

@@ -52,7 +52,10 @@ from tqdm.auto import tqdm
 
 from markup2image.config import Params, TrainConfig, check_batch_split, draws_negatives, to_dict
 from markup2image.data.dataset import MarkupImageDataset, collate
+from markup2image.data.layouts import LAYOUTS_JSONL
 from markup2image.diffusion.objectives import NegativePool, ObjectiveFn, TrainBatch, get_objective, noise_scheduler
+from markup2image.diffusion.sampling import sample_images, to_uint8
+from markup2image.evaluation.report import save_comparison_grid
 from markup2image.io import read_jsonl
 from markup2image.models.hcma import HcmaBatch
 from markup2image.models.model import MarkupToImageModel
@@ -218,8 +221,6 @@ def data_fingerprint(paths: TrainPaths) -> str:
     (at 100k images that would cost more than it saves): a re-render changes this index, the layouts or the ids in
     nearly every real case, and an identical index with identical ids is the same training set."""
     import hashlib
-
-    from markup2image.data.layouts import LAYOUTS_JSONL
 
     rendered = [paths.rendered / "train.jsonl", paths.rendered / LAYOUTS_JSONL]
     h = hashlib.sha256()
@@ -626,8 +627,6 @@ def _log_live(live, terms: dict[str, float], lr: float, imgs_per_s: float, step:
 @torch.no_grad()
 def _log_sample_grid(live, run: _Run, params: Params, step: int) -> None:
     """Sample the first train markups with the EMA weights (short DDIM run) and log gold | generated to DVCLive."""
-    from markup2image.diffusion.sampling import sample_images, to_uint8
-    from markup2image.evaluation.report import save_comparison_grid
 
     items = [run.dataset[i] for i in range(min(SAMPLE_ITEMS, len(run.dataset)))]
     data = collate(items, pad_id=run.net.pad_id)

@@ -14,6 +14,7 @@ import threading
 import numpy as np
 
 from markup2image.config import DomainConfig
+from markup2image.data.layouts import LocatingMathtextParser, math_boxes
 from markup2image.data.renderers.base import (
     RenderError,
     SingleItemEngine,
@@ -98,7 +99,6 @@ class MathtextEngine(SingleItemEngine):
     def render_with_layout(self, markup: str, cfg: DomainConfig) -> tuple[np.ndarray, list | None]:
         """:meth:`render` (the same pixels) and one box per whitespace token that draws ink
         (:mod:`markup2image.data.layouts`)."""
-        from markup2image.data.layouts import LocatingMathtextParser, math_boxes
 
         text = markup.strip()
         if not text:

@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from markup2image.config import DomainConfig
+from markup2image.data.layouts import molecule_boxes, svg_atom_label_extents
 from markup2image.data.renderers.base import (
     MARGIN,
     RenderError,
@@ -47,7 +48,6 @@ class RdkitEngine(SingleItemEngine):
     def render_with_layout(self, markup: str, cfg: DomainConfig) -> tuple[np.ndarray, list | None]:
         """:meth:`render` and one box per atom (:mod:`markup2image.data.layouts`): the atom's label extent (from an
         SVG drawing with the same settings) and a square around ``GetDrawCoords``, paired with its SMILES token."""
-        from markup2image.data.layouts import molecule_boxes, svg_atom_label_extents
 
         rgb, drawer, mol = self._depict(markup, cfg)
         image, offset = place_top_left_with_offset(rgb, cfg)
