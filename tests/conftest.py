@@ -19,6 +19,19 @@ def _cuda() -> bool:
         return False
 
 
+def _shares_a_module_fixture(item) -> bool:
+    """True when the test uses a module- or wider-scoped fixture defined by the project's tests (not pytest's own
+    session fixtures such as tmp_path_factory): its module's tests then stay on one xdist worker."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return False
+    for defs in info.name2fixturedefs.values():
+        for d in defs:
+            if d.scope != "function" and "tests" in str(getattr(d, "baseid", "") or "").split("/")[0:1]:
+                return True
+    return False
+
+
 def pytest_collection_modifyitems(config, items):
     in_ci = os.environ.get("CI", "").lower() == "true"
     reasons = {
@@ -30,6 +43,8 @@ def pytest_collection_modifyitems(config, items):
         missing = [t for t in needed if shutil.which(t) is None]
         reasons[marker] = f"needs {', '.join(missing)} (apt-get install via scripts/setup.sh)" if missing else None
     for item in items:
+        if _shares_a_module_fixture(item):  # scripts/test.sh runs --dist loadgroup: build such fixtures once
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
         for marker, reason in reasons.items():
             if reason and marker in item.keywords and not (in_ci and marker in tools):
                 item.add_marker(pytest.mark.skip(reason=reason))

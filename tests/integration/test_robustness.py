@@ -161,6 +161,9 @@ def test_kill_9_mid_render_then_rerun_gives_the_unbroken_result(tmp_path: Path) 
         k: b[k] for k in ("total", "rendered", "rejected", "reasons", "splits")
     }
     assert b["this_run"]["skipped_done"] >= journaled - 8  # the killed run's work was kept (less cut-off lines)
+    print(f"killed after {journaled} journaled items of {len(rows)}; the rerun kept {b['this_run']['skipped_done']}"
+          f", redid {b['this_run']['rendered'] + b['this_run']['rejected']}; counts {b['rendered']} rendered / "
+          f"{b['rejected']} rejected as unbroken")  # fmt: skip
     for name in ("train.jsonl", "val.jsonl", "test.jsonl", "rejects.jsonl"):
         assert read_jsonl(tmp_path / "straight" / name) == read_jsonl(broken / name)
     images = sorted(p.name for p in (tmp_path / "straight" / "images").iterdir())
