@@ -37,7 +37,8 @@ def prediction_loss_weights(alpha_bar: torch.Tensor, prediction_type: str, snr_g
 
 
 def simple_loss(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """``L_simple = ||eps - eps_theta||^2`` averaged over pixels: ``[B, C, H, W]`` -> ``[B]``."""
+    """``L_simple = ||eps - eps_theta||^2`` (DDPM, Ho et al. 2020, eq. 14) averaged over pixels: ``[B, C, H, W]`` ->
+    ``[B]``."""
     return F.mse_loss(eps_pred.float(), eps.float(), reduction="none").flatten(1).mean(1)
 
 

@@ -169,7 +169,7 @@ def ddpm_loss(
     model: torch.nn.Module, batch: TrainBatch, sched: DDPMScheduler, params: Params, step: int
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Plain DDPM: MSE between the true and predicted noise."""
-    y_t = sched.add_noise(batch.images, batch.noise, batch.timesteps)
+    y_t = sched.add_noise(batch.images, batch.noise, batch.timesteps)  # DDPM eq. 4: q(y_t | y_0)
     terms: dict = {}
     out = model(y_t, batch.timesteps, batch.input_ids, batch.attention_mask, **_hcma_kwargs(batch))
     eps_pred, hcma = _eps_and_hcma(out, terms)

@@ -107,13 +107,13 @@ class DDIMStepper:
         b_t = F32(1) - a_t
         b_prev = F32(1) - a_prev
         sqrt_a_t, sqrt_b_t = np.sqrt(a_t), np.sqrt(b_t)
-        x0 = (x - sqrt_b_t * eps) / sqrt_a_t
+        x0 = (x - sqrt_b_t * eps) / sqrt_a_t  # DDIM (Song et al. 2021) eq. 9: the predicted x0
         x0 = np.clip(x0, F32(-1.0), F32(1.0))  # clip_sample
         variance = (b_prev / b_t) * (F32(1) - a_t / a_prev)
-        std = F32(self.eta) * np.sqrt(variance)
+        std = F32(self.eta) * np.sqrt(variance)  # DDIM eq. 16: sigma_t(eta)
         eps = (x - sqrt_a_t * x0) / sqrt_b_t  # use_clipped_model_output
         direction = np.sqrt(F32(1) - a_prev - std**2) * eps
-        prev = np.sqrt(a_prev) * x0 + direction
+        prev = np.sqrt(a_prev) * x0 + direction  # DDIM eq. 12 (+ sigma_t noise below)
         if self.eta > 0:
             if noise is None:
                 raise ValueError("DDIMStepper.step: eta > 0 needs the variance noise")
