@@ -107,14 +107,6 @@ def png_complete(path: str | Path) -> bool:
         return False
 
 
-def _starts_as_png(path: Path) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(8) == b"\x89PNG\r\n\x1a\n"
-    except OSError:
-        return False
-
-
 def load_image(path: str | Path, channels: int = 1) -> np.ndarray:
     """Load an image as uint8 ``[H, W]`` (channels=1) or ``[H, W, 3]``.
 
@@ -124,12 +116,14 @@ def load_image(path: str | Path, channels: int = 1) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
-    if path.suffix.lower() == ".png" and _starts_as_png(path) and not png_complete(path):
-        raise CorruptFileError(f"{path}: truncated PNG (no IEND chunk at its end)")
     try:
         with Image.open(path) as im:
+            if im.format == "PNG" and not png_complete(path):
+                raise CorruptFileError(f"{path}: truncated PNG (no IEND chunk at its end)")
             im.load()
             return _to_uint8(im, channels)
+    except CorruptFileError:
+        raise
     except FileNotFoundError as exc:
         raise CorruptFileError(f"{path}: no such image file") from exc
     except (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError) as exc:

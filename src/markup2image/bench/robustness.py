@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -199,10 +198,7 @@ def bench_robustness(
         "all_accounted": all(r["counts_add_up"] and not r["lost_ids"] for r in runs),
         "total_crashes": sum(r["crashes"] for r in runs),
         "total_hangs": sum(r["hung"] for r in runs),
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
-    }
+    }  # the machine's record is added by markup2image.bench.run (host)
 
 
 def run(args: Any, params: Params) -> dict[str, Any]:

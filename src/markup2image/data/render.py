@@ -61,9 +61,9 @@ from markup2image.data.renderers import (
     resolve_engine,
 )
 from markup2image.io import (
+    CorruptFileError,
     is_safe_id,
     load_image,
-    png_complete,
     read_json,
     read_jsonl,
     save_png,
@@ -82,8 +82,9 @@ STATE_VERSION = 2  # 2: layouts/ written beside images/ (older outputs are rende
 RETRY_REASONS = frozenset({"renderer_missing", "too_long", "invalid_id"})
 # Between two results of one batch the watchdog allows timeout * WATCHDOG_FACTOR + WATCHDOG_SLACK_S seconds.
 WATCHDOG_FACTOR = 1.5
-CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 WATCHDOG_SLACK_S = 10.0
+# Markup with these is rejected before any engine (C libraries stop at NUL); tab, newline, carriage return are kept.
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 # (id, markup, gold path or "") — what a worker gets
 Item = tuple[str, str, str]
@@ -360,11 +361,9 @@ def _read_journal(path: Path) -> dict[str, dict[str, Any]]:
 
 def _image_ok(path: Path, cfg: DomainConfig) -> bool:
     """A PNG that decodes fully to the canvas shape (a half-written or foreign file does not)."""
-    if not png_complete(path):
-        return False
     try:
-        image = load_image(path, channels=cfg.channels)
-    except Exception:  # noqa: BLE001 - any decode failure means: redo it
+        image = load_image(path, channels=cfg.channels)  # a missing, cut-short or foreign file raises
+    except CorruptFileError:
         return False
     return image.shape[:2] == (cfg.height, cfg.width)
 

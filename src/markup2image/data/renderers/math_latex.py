@@ -6,8 +6,8 @@ error are kept, the formula that raised it (found from a ``\\typeout`` marker be
 fresh random tag per document so that markup cannot forge one) is rejected as ``parse_error`` with TeX's message,
 and the rest of the batch runs again. A batch that runs over the time limit names its suspect by the pages TeX
 shipped before it was killed: the suspect runs alone and the formulas around it run again, so one hanging formula
-costs about two time limits instead of one per halving. A batch that runs over the time limit is
-split in halves until the hanging formula is alone. dvipng renders the pages at 100 dpi, which makes glyphs the
+costs about two time limits instead of one per halving; where no page count names one, the batch is split in
+halves until the hanging formula is alone. dvipng renders the pages at 100 dpi, which makes glyphs the
 size they have in the im2latex-100k golds (a 12 pt parenthesis is 15 px tall; whole formulas match to a pixel),
 with a gamma that gives strokes the golds' weight.
 TeX may read and write files only inside its work folder (``openin_any=p``, ``openout_any=p``, no shell escape).
@@ -107,8 +107,6 @@ class LatexEngine(ExternalToolEngine):
                 return [], hang_suspect(chunk, exc)
             log = (work / "doc.log").read_text(errors="replace") if (work / "doc.log").exists() else ""
             failed, message = first_error(log, marker)
-            if failed is not None and failed >= len(chunk):  # cannot happen with an unforgeable marker; be safe
-                return [], [[it] for it in chunk]
             if message and failed is None:  # an error before the first formula: the installation, not the markup
                 missing = re.search(r"File `([^']+)' not found", message)
                 reason = "renderer_missing" if missing else "crash"
