@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from markup2image.config import params_from_dict
 from markup2image.data.dataset import MarkupImageDataset, collate
 from markup2image.models.model import MODEL_CONFIG, MODEL_WEIGHTS, load_model
-from markup2image.training.loop import TrainPaths, build_model, run_fingerprint, train
+from markup2image.training.checkpoints import run_fingerprint
+from markup2image.training.loop import TrainPaths, build_model, train
 from markup2image.training.synthetic import tiny_params_dict, write_synthetic_training_set
 
 HCMA_ON = {"global_weight": 1.0, "local_weight": 1.0, "patch_size": 4, "dim": 16, "layers": 1, "heads": 2}

@@ -25,7 +25,8 @@ from safetensors.torch import load_file
 
 from markup2image.config import params_from_dict
 from markup2image.models.model import MODEL_WEIGHTS
-from markup2image.training.loop import TrainPaths, newest_checkpoint, train
+from markup2image.training.checkpoints import newest_checkpoint
+from markup2image.training.loop import TrainPaths, train
 from markup2image.training.synthetic import tiny_params_dict, write_synthetic_training_set
 
 REPO = Path(__file__).resolve().parents[2]

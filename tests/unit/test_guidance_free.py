@@ -11,7 +11,7 @@ from markup2image.config import DiffusionConfig
 from markup2image.diffusion.sampling import sample_images
 from markup2image.models.model import MarkupToImageModel
 from markup2image.text.tokenizer import empty_markup_like, train_tokenizer
-from markup2image.training.loop import condition_dropout, drop_markup
+from markup2image.training.determinism import condition_dropout, drop_markup
 
 
 def test_dropout_is_the_same_whatever_the_process_split():

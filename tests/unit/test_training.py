@@ -10,19 +10,11 @@ from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.commands.launch import launch_command_parser
 
 from markup2image.config import params_from_dict
+from markup2image.training.checkpoints import COMPLETE, newest_checkpoint, prune_checkpoints, run_fingerprint
+from markup2image.training.determinism import BatchIndexer, draw_noise, extras_generator, micro_batch_share
 from markup2image.training.launch import MACHINE_RANK_ENV, LaunchPlan, launch_command, launch_env, preflight
-from markup2image.training.loop import (
-    COMPLETE,
-    BatchIndexer,
-    _accumulate_terms,
-    _prune_checkpoints,
-    draw_noise,
-    extras_generator,
-    micro_batch_share,
-    newest_checkpoint,
-    prune_live_after,
-    run_fingerprint,
-)
+from markup2image.training.live import prune_live_after
+from markup2image.training.loop import _accumulate_terms
 from markup2image.training.synthetic import tiny_params_dict
 
 REPO = Path(__file__).resolve().parents[2]
@@ -165,7 +157,7 @@ def test_prune_keeps_the_newest_complete_checkpoints(tmp_path):
         _fake_checkpoint(tmp_path, f"step_{step:08d}", complete=True)
     _fake_checkpoint(tmp_path, "step_00000003", complete=False)
     _fake_checkpoint(tmp_path, ".tmp_step_00000005", complete=False)
-    _prune_checkpoints(tmp_path, keep=2)
+    prune_checkpoints(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004", "step_00000006"]
 
 
@@ -244,7 +236,7 @@ def test_example_accelerate_configs_load(name):
 
 def test_code_fingerprint_follows_the_package_sources(tmp_path, monkeypatch):
     import markup2image
-    from markup2image.training.loop import code_fingerprint
+    from markup2image.training.checkpoints import code_fingerprint
 
     assert code_fingerprint() == code_fingerprint()
     (tmp_path / "a.py").write_text("x = 1\n")

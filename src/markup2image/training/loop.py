@@ -1,25 +1,12 @@
 """The training loop, run under ``accelerate launch`` on 1 CPU process, N CPU/GPU processes or several nodes.
 
-Determinism by construction: the global batch at optimizer step ``s`` is a fixed slice of a per-epoch permutation
-seeded by ``(train.seed, epoch)``, and the noise and timestep of the item at position ``j`` of that global batch
-come from a generator seeded by ``(train.seed, s, j)``. Each process takes its positions of each micro-step. So:
-
-* ``train.batch_size`` is the global batch at any process count: each of W processes runs
-  ``batch_size / (W * grad_accum)`` items per micro-step, and DDP averages the gradients;
-* for ``ddpm`` a run on W processes with A accumulation micro-steps computes the same gradients as 1 process with
-  1 micro-step (same items, same noise; up to float summation order);
-* a resumed run continues exactly as if never stopped: the batch and noise of a step depend on nothing but the
-  step, and the checkpoint holds model, EMA, optimizer, LR scheduler, grad scaler and every RNG state.
-
-Randomness an objective draws itself (negatives, augmentation, scheduled-sampling ``m`` and its noise) comes from a
-generator seeded by ``(train.seed, s, micro_step, rank)``: independent per process, so with W > 1 those objectives
-match a 1-process run in distribution, not bit for bit (negatives are also chosen within a process's shard).
+Which items, noise and timesteps a step uses: :mod:`markup2image.training.determinism` (the same on any process
+layout, and on a resume). Checkpoints and run fingerprints: :mod:`markup2image.training.checkpoints`. Logging:
+:mod:`markup2image.training.live`.
 
 With an HCMA module (``hcma.global_weight`` or ``hcma.local_weight`` > 0) the model owns it as ``model.hcma`` (so
 DDP, the optimizer, EMA, checkpoints and the saved model carry it), the dataset returns each item's layout, and every
-objective adds the HCMA loss; the ``hcma.translate`` offsets come from a generator seeded by
-``(train.seed, s, micro_step, rank, 2)``. With both weights 0 none of this exists and a step computes what it did
-without HCMA.
+objective adds the HCMA loss. With both weights 0 none of this exists and a step computes what it did without HCMA.
 
 Rank 0 alone logs to DVCLive (``<out>/live``): each loss term, the loss per timestep quartile, lr, images/s, and
 every ``train.sample_every`` steps a grid of EMA samples of a few train markups (``plots/images/samples/``).
@@ -33,11 +20,9 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +37,6 @@ from tqdm.auto import tqdm
 
 from markup2image.config import Params, TrainConfig, check_batch_split, draws_negatives, to_dict
 from markup2image.data.dataset import MarkupImageDataset, collate
-from markup2image.data.layouts import LAYOUTS_JSONL
 from markup2image.diffusion.objectives import NegativePool, ObjectiveFn, TrainBatch, get_objective, noise_scheduler
 from markup2image.diffusion.sampling import sample_images, to_uint8
 from markup2image.evaluation.report import save_comparison_grid
@@ -60,18 +44,31 @@ from markup2image.io import read_jsonl
 from markup2image.models.hcma import HcmaBatch
 from markup2image.models.model import MarkupToImageModel
 from markup2image.text.tokenizer import TOKENIZER_FILE, load_tokenizer, pad_id
+from markup2image.training.checkpoints import (
+    LIVE_IN_CHECKPOINT,
+    TRAINER_STATE,
+    code_fingerprint,
+    data_fingerprint,
+    newest_checkpoint,
+    run_fingerprint,
+    save_checkpoint,
+)
+from markup2image.training.determinism import (
+    BatchIndexer,
+    condition_dropout,
+    drop_markup,
+    extras_generator,
+    hcma_generator,
+    micro_batch_share,
+)
 from markup2image.training.launch import effective_mixed_precision
+from markup2image.training.live import log_terms, open_live, restore_live
 
 log = logging.getLogger(__name__)
 
-COMPLETE = "COMPLETE"  # marker written into a checkpoint before it is renamed into place
-TRAINER_STATE = "trainer_state.json"
 DUMP_RANK_WEIGHTS_ENV = "MARKUP2IMAGE_DUMP_RANK_WEIGHTS"  # test hook: every rank writes its final weights here
 SAMPLE_ITEMS = 4  # train markups in the sample grid
 SAMPLE_STEPS = 20  # DDIM steps for the sample grid
-# settings that change how often things are written or where processes run, not what a step computes
-_NOT_FINGERPRINTED = ("checkpoint_every", "log_every", "sample_every", "keep_checkpoints", "num_processes", "cpu")
-_NOT_FINGERPRINTED += ("accelerate_config", "snapshot_steps")
 
 
 @dataclass(frozen=True)
@@ -95,213 +92,6 @@ class TrainPaths:
     def snapshot(self, step: int) -> Path:
         """The EMA model folder written at ``step`` (``train.snapshot_steps``)."""
         return self.out / "snapshots" / f"step_{step:08d}"
-
-
-class BatchIndexer:
-    """Dataset indices of the global batch at optimizer step ``s``: consecutive slices of per-epoch
-    permutations seeded by ``(seed, epoch)``. Stateless in ``s``, so resuming needs no sampler state."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed = n, seed
-        self._perms: dict[int, np.ndarray] = {}
-
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            if len(self._perms) > 2:
-                self._perms.clear()
-            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        return self._perms[epoch]
-
-    def __call__(self, step: int, batch_size: int) -> np.ndarray:
-        """Indices ``[batch_size]`` (int64) of the global batch at optimizer step ``step``."""
-        pos = np.arange(step * batch_size, (step + 1) * batch_size)
-        return np.array([self._perm(int(p // self.n))[int(p % self.n)] for p in pos], dtype=np.int64)
-
-
-def _seed(*keys: int) -> int:
-    """A 64-bit seed mixed from ``keys`` (distinct keys never collide the way ``a * K + b`` sums do)."""
-    entropy = [int(k) % 2**64 for k in keys]  # SeedSequence takes non-negative ints only
-    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
-
-
-def draw_noise(
-    step: int, seed: int, positions: np.ndarray, image_shape: tuple[int, int, int], num_timesteps: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise ``eps [b, C, H, W]`` and timesteps ``[b]`` of the global-batch ``positions [b]`` at step ``step``.
-
-    Position ``j`` draws from its own generator seeded by ``(seed, step, j)``, so however the global batch is split
-    over processes and micro-steps, every item gets the same noise; a process draws only its own items.
-    """
-    noise = torch.empty((len(positions), *image_shape))
-    timesteps = torch.empty(len(positions), dtype=torch.long)
-    for i, j in enumerate(positions):
-        g = torch.Generator().manual_seed(_seed(seed, step, j))
-        timesteps[i] = torch.randint(0, num_timesteps, (1,), generator=g)[0]
-        noise[i] = torch.randn(image_shape, generator=g)
-    return noise, timesteps
-
-
-def extras_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
-    """The generator an objective draws its own randomness from: one per (seed, step, micro-step, rank)."""
-    return torch.Generator().manual_seed(_seed(seed, step, micro, rank, 1))
-
-
-def hcma_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
-    """The generator of the ``hcma.translate`` offsets: one per (seed, step, micro-step, rank), apart from the
-    objective's, so switching HCMA on leaves every draw of the objective as it was."""
-    return torch.Generator().manual_seed(_seed(seed, step, micro, rank, 2))
-
-
-@dataclass(frozen=True)
-class MicroBatchShare:
-    """One process's share of one global micro-batch: dataset indices ``[b]``, noise ``eps [b, C, H, W]`` and
-    timesteps ``[b]``, with ``b = train.batch_size / (train.grad_accum * world)``."""
-
-    indices: np.ndarray
-    noise: torch.Tensor
-    timesteps: torch.Tensor
-    positions: np.ndarray  # (b,) positions in the global batch
-
-
-def condition_dropout(seed: int, step: int, positions: np.ndarray, p: float) -> torch.Tensor:
-    """``[b]`` bool: which global-batch ``positions`` train without their markup at ``step`` (``train.cond_dropout``).
-
-    Drawn per position from its own generator (like :func:`draw_noise`), so any process split drops the same items.
-    """
-    if p <= 0:
-        return torch.zeros(len(positions), dtype=torch.bool)
-    draws = [
-        torch.rand(1, generator=torch.Generator().manual_seed(_seed(seed, step, int(j), 7)))[0] for j in positions
-    ]
-    return torch.stack(draws) < p
-
-
-def drop_markup(ids: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor, null: Sequence[int], pad: int):
-    """``ids, mask [B, N]`` with the rows in ``drop`` replaced by the empty markup ``null`` (e.g. [BOS, EOS])."""
-    if not bool(drop.any()):
-        return ids, mask
-    ids, mask = ids.clone(), mask.clone()
-    n = min(len(null), ids.shape[1])
-    ids[drop] = pad
-    ids[drop, :n] = torch.tensor(list(null[:n]), dtype=ids.dtype)
-    mask[drop] = 0
-    mask[drop, :n] = 1
-    return ids, mask
-
-
-def micro_batch_share(
-    cfg: TrainConfig,
-    batch_indices: np.ndarray,
-    step: int,
-    micro: int,
-    rank: int,
-    world: int,
-    image_shape: tuple[int, int, int],
-    num_timesteps: int,
-) -> MicroBatchShare:
-    """Micro-step ``micro`` of optimizer step ``step`` for process ``rank`` of ``world``.
-
-    ``batch_indices [train.batch_size]`` is the global batch (:class:`BatchIndexer`); ``image_shape`` is (C, H, W).
-    The global batch is cut into ``grad_accum`` micro-batches, each into ``world`` equal shares, in that order.
-    """
-    local = cfg.batch_size // (cfg.grad_accum * world)
-    first = (micro * world + rank) * local
-    positions = np.arange(first, first + local)  # (b,) positions in the global batch
-    noise, timesteps = draw_noise(step, cfg.seed, positions, image_shape, num_timesteps)
-    return MicroBatchShare(batch_indices[positions], noise, timesteps, positions)
-
-
-DATA_FINGERPRINT_FILES = ("train.jsonl", TOKENIZER_FILE)  # in the tokenized folder: ids, markup, vocabulary
-LIVE_IN_CHECKPOINT = "live"  # a copy of the DVCLive folder as of the checkpoint's step
-
-
-def data_fingerprint(paths: TrainPaths) -> str:
-    """A hash of the training data as the loop sees it: the tokenized train split (ids and markup), the tokenizer,
-    the rendered train index (which items have images) and the layouts (HCMA boxes). Pixel contents are not read
-    (at 100k images that would cost more than it saves): a re-render changes this index, the layouts or the ids in
-    nearly every real case, and an identical index with identical ids is the same training set."""
-    import hashlib
-
-    rendered = [paths.rendered / "train.jsonl", paths.rendered / LAYOUTS_JSONL]
-    h = hashlib.sha256()
-    for path in [paths.tokenized / name for name in DATA_FINGERPRINT_FILES] + rendered:
-        h.update(path.name.encode())
-        h.update(path.read_bytes() if path.exists() else b"<missing>")
-    return h.hexdigest()[:16]
-
-
-def code_fingerprint() -> str:
-    """A hash of this package's Python sources. DVC reruns the train stage when they change (they are its deps);
-    resuming the finished run's checkpoints would then silently keep the model the old code trained."""
-    import hashlib
-
-    import markup2image
-
-    root = Path(markup2image.__file__).resolve().parent
-    h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        h.update(str(path.relative_to(root)).encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def run_fingerprint(params: Params, domain: str, data: str = "", code: str = "") -> str:
-    """A hash of everything that defines what training computes; checkpoints of another run are never resumed.
-
-    ``data`` is :func:`data_fingerprint` of the training set and ``code`` :func:`code_fingerprint`, so checkpoints
-    of a run on other data or by other code are not resumed either. The process layout is left out: a run may
-    resume on another process count with the same global batch.
-    """
-    import hashlib
-
-    top = ("lambda", "beta", "tau", "infonce_weight", "model", "diffusion", "train")
-    keys = {k: v for k, v in to_dict(params).items() if k in top}
-    keys["train"] = {k: v for k, v in keys["train"].items() if k not in _NOT_FINGERPRINTED}
-    keys["domain"] = [domain, to_dict(params.domain_config(domain))]
-    if params.hcma.global_weight > 0 or params.hcma.local_weight > 0:  # absent when off: old fingerprints hold
-        keys["hcma"] = {k: v for k, v in to_dict(params.hcma).items() if not k.startswith("guidance_")}
-    if data:
-        keys["data"] = data
-    if code:
-        keys["code"] = code
-    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _step_of(path: Path) -> int:
-    return int(path.name.rsplit("_", 1)[1])
-
-
-def newest_checkpoint(folder: Path) -> Path | None:
-    """The newest checkpoint folder ``step_<n>`` that was completely written (has the COMPLETE marker).
-
-    ``.tmp_step_<n>`` folders (a save that was cut off) never match. A checkpoint whose files do not match its
-    marker's list (a file deleted or cut short since) is skipped with one line naming it; the next older one is used.
-    """
-    if not folder.exists():
-        return None
-    done = [p for p in folder.glob("step_*") if re.fullmatch(r"step_\d+", p.name) and (p / COMPLETE).exists()]
-    for ckpt in sorted(done, key=_step_of, reverse=True):
-        problem = checkpoint_problem(ckpt)
-        if not problem:
-            return ckpt
-        log.warning("checkpoint %s is damaged (%s); skipped, trying the one before it", ckpt, problem)
-    return None
-
-
-def checkpoint_problem(ckpt: Path) -> str:
-    """'' when every file the checkpoint's COMPLETE marker lists is there with its size, else what is wrong."""
-    try:
-        listed = json.loads((ckpt / COMPLETE).read_text()).get("files", {})
-        json.loads((ckpt / TRAINER_STATE).read_text())["step"]
-    except (OSError, ValueError, KeyError, AttributeError) as exc:
-        return f"unreadable marker or {TRAINER_STATE}: {exc}"
-    for rel, size in listed.items():
-        path = ckpt / rel
-        if not path.is_file():
-            return f"{rel} is missing"
-        if path.stat().st_size != size:
-            return f"{rel} has {path.stat().st_size} bytes, {size} when saved"
-    return ""
 
 
 def build_model(params: Params, domain: str, tokenizer_dir: Path) -> MarkupToImageModel:
@@ -440,10 +230,11 @@ def train(params: Params, domain: str, paths: TrainPaths, max_steps: int | None 
     cfg = params.train
     acc = _accelerator(params)
     run = _prepare(params, domain, paths, acc)
-    fingerprint = run_fingerprint(params, domain, data_fingerprint(paths), code_fingerprint())
+    data = data_fingerprint(paths.rendered, paths.tokenized)
+    fingerprint = run_fingerprint(params, domain, data, code_fingerprint())
     start = _resume(run, paths, fingerprint)
     stop = cfg.steps if max_steps is None else min(cfg.steps, start + max_steps)
-    live = _open_live(paths.live, start) if acc.is_main_process else None
+    live = open_live(paths.live, start) if acc.is_main_process else None
     bar = tqdm(
         range(start, stop), desc=f"train {domain}", disable=not acc.is_main_process, initial=start, total=cfg.steps
     )
@@ -459,7 +250,7 @@ def train(params: Params, domain: str, paths: TrainPaths, max_steps: int | None 
             logged = _reduce_terms(acc, terms_acc)
             terms_acc = {}
             if live is not None:
-                _log_live(live, logged, run.lr_sched.get_last_lr()[0], cfg.batch_size * steps_timed / seconds, done)
+                log_terms(live, logged, run.lr_sched.get_last_lr()[0], cfg.batch_size * steps_timed / seconds, done)
                 bar.set_postfix(loss=f"{logged.get('loss', float('nan')):.4f}")
             seconds, steps_timed = 0.0, 0
         if live is not None and cfg.sample_every and done % cfg.sample_every == 0:
@@ -589,41 +380,6 @@ def _reduce_terms(acc: Accelerator, terms: dict[str, tuple[float, int]]) -> dict
     return {k: float(vals[i, 0] / vals[i, 1]) if vals[i, 1] > 0 else math.nan for i, k in enumerate(keys)}
 
 
-def _open_live(folder: Path, start: int):
-    """DVCLive on rank 0; on a resume, rows and images logged after the checkpoint (then lost) are dropped."""
-    from dvclive import Live
-
-    if start > 0:
-        prune_live_after(folder, start)
-    # dvcyaml=False: DVCLive must not rewrite dvc.yaml; its files are declared there instead.
-    live = Live(str(folder), dvcyaml=False, save_dvc_exp=False, resume=start > 0)
-    (folder / "plots" / "images").mkdir(parents=True, exist_ok=True)  # a declared output, also with no samples
-    return live
-
-
-def prune_live_after(folder: Path, step: int) -> None:
-    """Drop DVCLive metric rows and sample images of steps after ``step`` (written by a run that was then killed)."""
-    for tsv in (folder / "plots" / "metrics").rglob("*.tsv"):
-        lines = tsv.read_text().splitlines(keepends=True)
-        col = lines[0].rstrip("\n").split("\t").index("step") if lines else 0
-        kept = lines[:1] + [ln for ln in lines[1:] if int(ln.split("\t")[col]) <= step]
-        if len(kept) != len(lines):
-            tsv.write_text("".join(kept))
-    for png in (folder / "plots" / "images" / "samples").glob("step_*.png"):
-        if int(png.stem.split("_")[1]) > step:
-            png.unlink()
-
-
-def _log_live(live, terms: dict[str, float], lr: float, imgs_per_s: float, step: int) -> None:
-    live.step = step
-    for k, v in terms.items():
-        if math.isfinite(v):
-            live.log_metric(f"train/{k}", v)
-    live.log_metric("train/lr", lr)
-    live.log_metric("train/images_per_s", imgs_per_s)  # global batch x steps / training seconds (no I/O)
-    live.next_step()
-
-
 @torch.no_grad()
 def _log_sample_grid(live, run: _Run, params: Params, step: int) -> None:
     """Sample the first train markups with the EMA weights (short DDIM run) and log gold | generated to DVCLive."""
@@ -653,63 +409,6 @@ def _log_sample_grid(live, run: _Run, params: Params, step: int) -> None:
         grid = Path(tmp) / "grid.png"
         save_comparison_grid(list(golds), list(preds), grid, titles=titles, max_items=SAMPLE_ITEMS)
         live.log_image(f"samples/step_{step:08d}.png", grid)
-
-
-def restore_live(saved: Path, live: Path) -> None:
-    """Put the checkpoint's copy of the DVCLive folder back where DVC expects it.
-
-    DVC deletes a stage's outputs (``models/<d>/live``, ``models/<d>/model``) before it reruns the stage, but not the
-    persisted checkpoints; without this a rerun that resumes (an upstream stage reran with identical data, or a
-    killed run) would log nothing for the steps before the checkpoint, and with nothing left to train, DVC would
-    fail on the missing ``live/plots/metrics``. Rows after the checkpoint are pruned by :func:`_open_live`.
-    """
-    if not saved.is_dir():
-        return
-    shutil.rmtree(live, ignore_errors=True)
-    shutil.copytree(saved, live)
-
-
-def save_checkpoint(
-    acc: Accelerator, folder: Path, step: int, fingerprint: str = "", keep: int = 0, live: Path | None = None
-) -> None:
-    """accelerate's full state (model, optimizer, LR scheduler, grad scaler, EMA, every RNG) into ``step_<n>``,
-    with a copy of the DVCLive folder ``live`` as of this step (:func:`restore_live`).
-
-    Written into ``.tmp_step_<n>`` with the COMPLETE marker last, then renamed, so :func:`newest_checkpoint`
-    never picks up a half-written checkpoint. ``keep`` > 0 deletes all but the newest ``keep`` checkpoints.
-    """
-    final = folder / f"step_{step:08d}"
-    tmp = folder / f".tmp_step_{step:08d}"
-    if acc.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        folder.mkdir(parents=True, exist_ok=True)
-    acc.wait_for_everyone()
-    acc.save_state(str(tmp))
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        state = {"step": step, "fingerprint": fingerprint, "processes": acc.num_processes}
-        (tmp / TRAINER_STATE).write_text(json.dumps(state))
-        if live is not None and live.is_dir():
-            shutil.copytree(live, tmp / LIVE_IN_CHECKPOINT)
-        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-        (tmp / COMPLETE).write_text(json.dumps({"files": files}))  # what checkpoint_intact checks on resume
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        _prune_checkpoints(folder, keep)
-    acc.wait_for_everyone()
-
-
-def _prune_checkpoints(folder: Path, keep: int) -> None:
-    """Remove cut-off saves (``.tmp_step_*``, older ``step_*`` without marker) and all but the newest ``keep``."""
-    for p in folder.glob(".tmp_step_*"):
-        shutil.rmtree(p, ignore_errors=True)
-    complete = sorted((p for p in folder.glob("step_*") if (p / COMPLETE).exists()), key=_step_of)
-    newest = _step_of(complete[-1]) if complete else -1
-    for p in folder.glob("step_*"):
-        if not (p / COMPLETE).exists() and _step_of(p) < newest:
-            shutil.rmtree(p, ignore_errors=True)
-    for p in complete[:-keep] if keep > 0 else []:
-        shutil.rmtree(p, ignore_errors=True)
 
 
 def save_ema_model(
