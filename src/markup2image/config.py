@@ -248,7 +248,7 @@ class Params:
 # loading
 
 
-def _check_type(value: Any, tp: Any, key: str) -> Any:
+def check_type(value: Any, tp: Any, key: str) -> Any:
     """Coerce/validate ``value`` against annotation ``tp``; raise ConfigError naming ``key``."""
     origin = get_origin(tp)
     if tp is Any:
@@ -263,7 +263,7 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         for arg in get_args(tp):
             try:
-                return _check_type(value, arg, key)
+                return check_type(value, arg, key)
             except ConfigError:
                 continue
         raise ConfigError(f"{key}: {value!r} does not match {tp}")
@@ -271,12 +271,12 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         (elem, *rest) = get_args(tp)
-        return tuple(_check_type(v, elem, f"{key}[{i}]") for i, v in enumerate(value))
+        return tuple(check_type(v, elem, f"{key}[{i}]") for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         _, vt = get_args(tp)
-        return {str(k): _check_type(v, vt, f"{key}.{k}") for k, v in value.items()}
+        return {str(k): check_type(v, vt, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     if tp is bool:
@@ -322,7 +322,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
                 merged[str(dname)] = _build(DomainConfig, base, f"{dotted}.{dname}")
             kwargs[name] = merged
             continue
-        kwargs[name] = _check_type(value, hints[name], dotted)
+        kwargs[name] = check_type(value, hints[name], dotted)
     try:
         return cls(**kwargs)
     except TypeError as exc:  # a required field is missing

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from markup2image.config import DiffusionConfig, DomainConfig, HcmaConfig
+from markup2image.data.layout_tensors import LayoutBatch, layout_batch
 from markup2image.data.renderers import get_engine
 from markup2image.diffusion.objectives import noise_scheduler
 from markup2image.models.encoder import TransformerMarkupEncoder
-from markup2image.models.hcma import LayoutBatch, build_hcma, hcma_loss, layout_batch
+from markup2image.models.hcma import build_hcma, hcma_loss
 from markup2image.text.tokenizer import encode_batch, train_bpe
 
 IMAGE = DomainConfig(height=24, width=96, channels=1, engine="mathtext", font_size=8.0)

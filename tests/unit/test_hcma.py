@@ -12,25 +12,23 @@ import pytest
 import torch
 
 from markup2image.config import DiffusionConfig, DomainConfig, HcmaConfig, ModelConfig
+from markup2image.data.layout_tensors import LayoutBatch, layout_batch
 from markup2image.diffusion.guidance import (
     alignment_energy,
     alignment_guidance,
     guided_sample_images,
     sample_with_layout,
 )
+from markup2image.diffusion.losses import global_alignment_loss, local_alignment_loss
 from markup2image.diffusion.sampling import sample_images
 from markup2image.evaluation.layout_metrics import layout_scores
 from markup2image.models.hcma import (
     HcmaModule,
-    LayoutBatch,
     LocalAlignmentHead,
     build_hcma,
     fourier_box_embedding,
-    global_alignment_loss,
     hcma_loss,
-    layout_batch,
     load_hcma,
-    local_alignment_loss,
     random_translate,
     save_hcma,
 )
@@ -108,12 +106,12 @@ def test_local_loss_by_hand() -> None:
     f = torch.tensor([[[1.0, 0.0], [1.0, 1.0], [9.0, 9.0]]])
     segment = torch.tensor([[[1, 0, 0], [1, 1, 0], [0, 0, 1]]], dtype=torch.bool)
     layout = LayoutBatch(torch.zeros(1, 3, 4), torch.tensor([[True, True, False]]), segment)
-    total, count = local_alignment_loss(f, hidden, layout)
+    total, count = local_alignment_loss(f, hidden, layout.segment_mask, layout.box_mask)
     # box 0: f = s = (1, 0); box 1: s = mean((1, 0), (0, 1)) = (0.5, 0.5), parallel to f; box 2 is off
     torch.testing.assert_close(total, torch.tensor([0.0]))
     assert count.tolist() == [2.0]
     f2 = torch.tensor([[[0.0, 1.0], [1.0, 0.0], [9.0, 9.0]]])  # box 0: cos 0 -> 1; box 1: cos 1/sqrt2
-    total2, _ = local_alignment_loss(f2, hidden, layout)
+    total2, _ = local_alignment_loss(f2, hidden, layout.segment_mask, layout.box_mask)
     torch.testing.assert_close(total2, torch.tensor([1.0 + 1.0 - math.sqrt(0.5)]))
 
 
@@ -407,7 +405,7 @@ def test_model_with_hcma_saves_and_loads_it(tmp_path: Path) -> None:
 
 
 def test_forward_adds_the_hcma_loss_of_the_anchor_rows() -> None:
-    from markup2image.models.hcma import HcmaBatch
+    from markup2image.data.layout_tensors import HcmaBatch
 
     model = _tiny_model(TINY).eval()
     ids, mask = torch.tensor([[2, 5, 3], [2, 7, 3]]), torch.ones(2, 3, dtype=torch.long)

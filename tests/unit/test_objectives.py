@@ -11,6 +11,7 @@ from tiny_models import TINY_IMAGE, TINY_MODEL
 from torch import nn
 
 from markup2image.config import HcmaConfig, Params, TrainConfig
+from markup2image.data.layout_tensors import HcmaBatch, LayoutBatch
 from markup2image.diffusion.losses import contrastive_diffusion_loss
 from markup2image.diffusion.objectives import (
     OBJECTIVES,
@@ -23,7 +24,6 @@ from markup2image.diffusion.objectives import (
     scheduled_sampling_probability,
     ss_dm_loss,
 )
-from markup2image.models.hcma import HcmaBatch, LayoutBatch
 from markup2image.models.model import MarkupToImageModel
 
 IMAGE, TINY = TINY_IMAGE, TINY_MODEL

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from markup2image.data.layout_tensors import item_layout, stack_layouts
 from markup2image.data.layouts import load_layouts
 from markup2image.io import CorruptFileError, load_image, png_complete, read_jsonl
-from markup2image.models.hcma import item_layout, stack_layouts
 from markup2image.text.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)

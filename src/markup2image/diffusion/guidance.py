@@ -27,10 +27,11 @@ import numpy as np
 import torch
 
 from markup2image.config import DiffusionConfig
+from markup2image.data.layout_tensors import LayoutBatch, layout_batch
 from markup2image.data.layouts import draw_boxes, read_layout_file
 from markup2image.diffusion.sampling import make_scheduler, sample_images, to_uint8
 from markup2image.io import save_png
-from markup2image.models.hcma import HcmaModule, LayoutBatch, layout_batch, load_hcma
+from markup2image.models.hcma import HcmaModule, load_hcma
 from markup2image.models.model import MODEL_CONFIG, load_model
 from markup2image.text.tokenizer import encode_batch, load_tokenizer
 

@@ -6,6 +6,8 @@
 * :func:`info_nce_loss`: InfoNCE of an anchor against one positive and K (maskable) negatives.
 * :func:`same_batch_info_nce_loss`: InfoNCE whose negatives are the other items' views (SimCLR's same batch).
 * :func:`contrastive_diffusion_loss`: CDCD's contrastive term, InfoNCE whose scores are the negative denoising losses.
+* :func:`global_alignment_loss`, :func:`local_alignment_loss`: HCMA's ``1 - cos`` of image and markup features,
+  per item and per layout box (design §8, :mod:`markup2image.models.hcma`).
 """
 
 from __future__ import annotations
@@ -149,3 +151,30 @@ def contrastive_diffusion_loss(
     if negative_mask is None:
         negative_mask = torch.ones_like(negative_simple, dtype=torch.bool)
     return _nce(-pixels * positive_simple.float()[:, None], -pixels * negative_simple.float(), negative_mask)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """Mean of ``x`` over ``dim`` where ``mask`` (broadcastable, 0/1 or bool) is set; 0 where nothing is set."""
+    m = mask.to(x.dtype)
+    return (x * m).sum(dim) / m.sum(dim).clamp(min=1.0)
+
+
+def global_alignment_loss(g: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per item ``1 - cos(g_b, t_bar_b)`` ``[B]``; ``g [B, D]``, ``hidden [B, N, D]``, ``mask [B, N]``."""
+    pooled = masked_mean(hidden, mask[..., None], dim=1)  # (B, D)
+    return 1.0 - F.cosine_similarity(g, pooled, dim=-1)
+
+
+def local_alignment_loss(
+    f: torch.Tensor, hidden: torch.Tensor, segment_mask: torch.Tensor, box_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per item sum over valid boxes of ``1 - cos(f_k, s_k)`` ``[B]`` and the number of valid boxes ``[B]``.
+
+    ``f [B, K, D]``; ``s_k`` = mean of ``hidden [B, N, D]`` over ``segment_mask [B, K, N]``; ``box_mask [B, K]``
+    (:class:`~markup2image.data.layout_tensors.LayoutBatch`).
+    """
+    seg = segment_mask.to(hidden.dtype)  # (B, K, N)
+    s = torch.einsum("bkn,bnd->bkd", seg, hidden) / seg.sum(-1, keepdim=True).clamp(min=1.0)  # (B, K, D)
+    valid = box_mask.to(hidden.dtype)  # (B, K)
+    per_box = 1.0 - F.cosine_similarity(f, s, dim=-1)  # (B, K)
+    return (per_box * valid).sum(-1), valid.sum(-1)

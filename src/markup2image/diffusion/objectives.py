@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from markup2image.config import DiffusionConfig, Params
+from markup2image.data.layout_tensors import HcmaBatch
 from markup2image.diffusion.losses import (
     contrastive_diffusion_loss,
     info_nce_loss,
@@ -54,7 +55,6 @@ from markup2image.diffusion.losses import (
     simple_loss,
 )
 from markup2image.diffusion.sampling import scheduler_config
-from markup2image.models.hcma import HcmaBatch
 from markup2image.models.model import DenoiserOutput, unwrap_model
 
 __all__ = [

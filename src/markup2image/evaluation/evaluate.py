@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from markup2image.config import DiffusionConfig, Params
+from markup2image.data.layout_tensors import layout_batch
 from markup2image.data.layouts import load_layouts
 from markup2image.diffusion.guidance import guided_sample_images
 from markup2image.diffusion.sampling import to_uint8
@@ -32,7 +33,6 @@ from markup2image.evaluation.metrics import METRIC_NAMES
 from markup2image.evaluation.report import save_comparison_grid
 from markup2image.evaluation.score import score_arrays
 from markup2image.io import load_image, read_jsonl, save_png, write_json
-from markup2image.models.hcma import layout_batch
 from markup2image.models.model import load_model
 from markup2image.text.tokenizer import empty_markup_like, encode_batch, load_tokenizer
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from markup2image.config import DomainConfig, params_from_dict
+from markup2image.data.layout_tensors import layout_batch
 from markup2image.data.layouts import LAYOUTS_JSONL, LayoutBox, draw_boxes
 from markup2image.data.renderers import get_engine
 from markup2image.diffusion.guidance import guided_sample_images
@@ -29,7 +30,6 @@ from markup2image.diffusion.sampling import to_uint8
 from markup2image.evaluation.layout_metrics import layout_scores, mean_layout_scores
 from markup2image.evaluation.report import save_image_grid
 from markup2image.io import atomic_open, save_png, write_json, write_jsonl
-from markup2image.models.hcma import layout_batch
 from markup2image.models.model import load_model
 from markup2image.text.tokenizer import TOKENIZER_FILE, encode_batch, load_tokenizer, train_bpe
 from markup2image.training.loop import TrainPaths, train

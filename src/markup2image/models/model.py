@@ -28,11 +28,12 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from markup2image.config import DiffusionConfig, DomainConfig, HcmaConfig, ModelConfig, _check_type
+from markup2image.config import DiffusionConfig, DomainConfig, HcmaConfig, ModelConfig, check_type
+from markup2image.data.layout_tensors import HcmaBatch
 from markup2image.io import CorruptFileError, atomic_open
 from markup2image.models.encoder import PretrainedMarkupEncoder, TransformerMarkupEncoder
 from markup2image.models.fsa import FineGrainedSequenceAlignment
-from markup2image.models.hcma import HcmaBatch, HcmaModule, build_hcma, hcma_loss
+from markup2image.models.hcma import HcmaModule, build_hcma, hcma_loss
 from markup2image.models.parameterization import EpsilonFromPrediction
 from markup2image.models.unet_parts import build_unet
 
@@ -261,11 +262,11 @@ class MarkupToImageModel(nn.Module):
 def model_from_config(cfg: dict[str, Any]) -> MarkupToImageModel:
     """Rebuild an (untrained) model from a ``model_config.json`` dict."""
 
-    model_cfg = _check_type(cfg["model"], ModelConfig, "model_config.model")
-    image = _check_type(cfg["image"], DomainConfig, "model_config.image")
+    model_cfg = check_type(cfg["model"], ModelConfig, "model_config.model")
+    image = check_type(cfg["image"], DomainConfig, "model_config.image")
     hcma = None
     if cfg.get("hcma_module"):
-        hcma = _check_type(cfg["hcma_module"]["hcma"], HcmaConfig, "model_config.hcma_module.hcma")
+        hcma = check_type(cfg["hcma_module"]["hcma"], HcmaConfig, "model_config.hcma_module.hcma")
     return MarkupToImageModel(
         model_cfg=model_cfg,
         image=image,
@@ -281,7 +282,7 @@ def diffusion_of(cfg: dict[str, Any]) -> DiffusionConfig:
     entry, else (folders written before it existed) the saved params', else the defaults."""
 
     saved = cfg.get("diffusion") or cfg.get("params", {}).get("diffusion")
-    return _check_type(saved, DiffusionConfig, "model_config.diffusion") if saved else DiffusionConfig()
+    return check_type(saved, DiffusionConfig, "model_config.diffusion") if saved else DiffusionConfig()
 
 
 def trained_diffusion(folder: str | Path) -> DiffusionConfig:

@@ -37,11 +37,11 @@ from tqdm.auto import tqdm
 
 from markup2image.config import Params, TrainConfig, check_batch_split, draws_negatives, to_dict
 from markup2image.data.dataset import MarkupImageDataset, collate
+from markup2image.data.layout_tensors import HcmaBatch
 from markup2image.diffusion.objectives import NegativePool, ObjectiveFn, TrainBatch, get_objective, noise_scheduler
 from markup2image.diffusion.sampling import sample_images, to_uint8
 from markup2image.evaluation.report import save_comparison_grid
 from markup2image.io import read_jsonl
-from markup2image.models.hcma import HcmaBatch
 from markup2image.models.model import MarkupToImageModel
 from markup2image.text.tokenizer import TOKENIZER_FILE, load_tokenizer, pad_id
 from markup2image.training.checkpoints import (
