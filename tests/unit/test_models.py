@@ -483,22 +483,26 @@ def test_export_ignores_an_active_kv_cache(tmp_path):
     assert np.abs(got - want).max() <= 1e-4
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"norm_num_groups": 2, "residual_connection": True, "rescale_output_factor": 2.0, "qk_norm": "layer_norm"}],
+)
 @pytest.mark.parametrize("cross", [False, True])
-def test_export_processor_matches_the_stock_diffusers_one(cross):
-    """MaskBiasAttnProcessor (what export swaps in for AttnProcessor2_0) computes the same attention."""
+def test_export_processor_matches_the_stock_diffusers_one(cross, options):
+    """PositionalAttnProcessor without positions (what export swaps in for AttnProcessor2_0) computes the same."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from markup2image.export.graphs import MaskBiasAttnProcessor
+    from markup2image.models.position import PositionalAttnProcessor
 
     torch.manual_seed(0)
-    attn = Attention(query_dim=8, cross_attention_dim=6 if cross else None, heads=2, dim_head=4)
+    attn = Attention(query_dim=8, cross_attention_dim=6 if cross else None, heads=2, dim_head=4, **options)
     x = torch.randn(2, 8, 2, 3)  # (B, C, H, W): the spatial path
     context, bias = None, None
     if cross:
         context = torch.randn(2, 3, 6)
         bias = (1 - torch.tensor([[1.0, 1, 1], [1, 0, 0]]))[:, None] * -10000.0  # (B, 1, N), as the U-Net passes it
     want = AttnProcessor2_0()(attn, x, context, attention_mask=bias)
-    got = MaskBiasAttnProcessor()(attn, x, context, attention_mask=bias)
+    got = PositionalAttnProcessor()(attn, x, context, attention_mask=bias)
     assert got.shape == x.shape and torch.allclose(got, want, atol=1e-6)
 
 

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from markup2image.models.position import PositionalAttnProcessor, attention_bias, merge_heads, split_heads
+from markup2image.models.position import PositionalAttnProcessor
 
 log = logging.getLogger(__name__)
 
@@ -38,58 +37,13 @@ EXTERNAL_DATA_BYTES = 1_500_000_000  # a graph with more parameter bytes keeps i
 # -- export-safe modules ------------------------------------------------------------------------------------------
 
 
-class MaskBiasAttnProcessor:
-    """diffusers' ``AttnProcessor2_0`` with the key-padding bias broadcast as ``[B, 1, 1, N]``.
-
-    Same maths as the stock processor; it only drops ``prepare_attention_mask`` (head-major repeat + reshape by
-    the batch size), which does not export with a dynamic batch under torch.export.
-    """
-
-    def __call__(
-        self,
-        attn: nn.Module,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> torch.Tensor:
-        """``hidden_states [B, L, C]`` or ``[B, C, H, W]``, context ``[B, N, D]``, bias ``[B, 1, N]`` -> same shape."""
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        spatial = hidden_states.ndim == 4
-        if spatial:
-            b, c, h, w = hidden_states.shape
-            hidden_states = hidden_states.flatten(2).transpose(1, 2)  # (B, HW, C)
-        bias = attention_bias(attention_mask, hidden_states.dtype)  # (B, 1, 1, N)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        if encoder_hidden_states is not None and attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
-        q = split_heads(attn.to_q(hidden_states), attn.heads)  # (B, h, L, C/h)
-        k = split_heads(attn.to_k(context), attn.heads)  # (B, h, N, C/h)
-        v = split_heads(attn.to_v(context), attn.heads)
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        out = merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=bias)).to(q.dtype)  # (B, L, C)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if spatial:
-            out = out.transpose(1, 2).reshape(b, c, h, w)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
-
-
 def export_ready_unet(unet: nn.Module) -> nn.Module:
-    """A copy of ``unet`` whose stock diffusers attention processors are :class:`MaskBiasAttnProcessor`.
+    """A copy of ``unet`` whose stock diffusers attention processors are the project's
+    :class:`~markup2image.models.position.PositionalAttnProcessor` without positions (the same maths; its
+    key-padding bias exports with a dynamic batch, diffusers' ``prepare_attention_mask`` does not).
 
-    The project's own processors (learned positions, CCAM) are kept as they are: they take the bias already. None
-    of them keeps a cross-attention K/V cache: the graph computes the markup K/V itself on every call.
+    The project's own processors (learned positions, CCAM) are kept as they are. None of them keeps a
+    cross-attention K/V cache: the graph computes the markup K/V itself on every call.
     """
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
@@ -100,8 +54,8 @@ def export_ready_unet(unet: nn.Module) -> nn.Module:
             proc.text_cache = None
     stock = {name for name, p in procs.items() if type(p) in (AttnProcessor, AttnProcessor2_0)}
     if stock:
-        log.info("export: %d stock diffusers attention processor(s) -> MaskBiasAttnProcessor", len(stock))
-        unet.set_attn_processor({n: MaskBiasAttnProcessor() if n in stock else p for n, p in procs.items()})
+        log.info("export: %d stock diffusers attention processor(s) -> PositionalAttnProcessor", len(stock))
+        unet.set_attn_processor({n: PositionalAttnProcessor() if n in stock else p for n, p in procs.items()})
     return unet
 
 

@@ -8,8 +8,8 @@
   B and N are dynamic. Inside, ``UNet2DConditionModel`` turns the mask into diffusers' additive bias ``[B, 1, N]``
   and every attention processor broadcasts it as ``[B, 1, 1, N]`` over heads and queries. The project's processors
   already do; diffusers' stock ``AttnProcessor2_0`` (which repeats the mask head-major and reshapes it with the
-  batch size, and so fails to export with a dynamic batch) is swapped for :class:`MaskBiasAttnProcessor`, its
-  export-safe twin, in a copy of the U-Net.
+  batch size, and so fails to export with a dynamic batch) is swapped for the project's processor without
+  positions, in a copy of the U-Net.
 * ``tokenizer.json``, ``parity.json`` (see :mod:`markup2image.export.parity`), a TensorRT engine where TensorRT is
   installed, and ``manifest.json`` last, with a sha256 of every other file.
 

@@ -209,7 +209,13 @@ class PositionalAttnProcessor(nn.Module):
     ) -> torch.Tensor:
         """Image tokens ``x [B, HW, C]`` (positions added), the text projections or None (self-attention)."""
         k, v = (attn.to_k(x), attn.to_v(x)) if text is None else text
-        out = multi_head_attention(attn.to_q(x), k, v, attn.heads, bias)
+        if attn.norm_q is None and attn.norm_k is None:
+            out = multi_head_attention(attn.to_q(x), k, v, attn.heads, bias)
+        else:  # diffusers' qk_norm: on each head's queries and keys
+            q, k, v = (split_heads(z, attn.heads) for z in (attn.to_q(x), k, v))  # (B, h, L|N, C/h)
+            q = q if attn.norm_q is None else attn.norm_q(q)
+            k = k if attn.norm_k is None else attn.norm_k(k)
+            out = merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=bias)).to(q.dtype)
         return attn.to_out[1](attn.to_out[0](out))
 
     def forward(
@@ -221,12 +227,31 @@ class PositionalAttnProcessor(nn.Module):
         temb: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        """``hidden_states [B, HW, C]``, ``encoder_hidden_states [B, N, D]`` or None -> ``[B, HW, C]``."""
+        """``hidden_states [B, HW, C]`` (or ``[B, C, H, W]``), ``encoder_hidden_states [B, N, D]`` or None -> the
+        same shape. Every option of a diffusers ``Attention`` is honoured as diffusers' ``AttnProcessor2_0`` does
+        (spatial and group norm, cross norm, qk norm, residual, output rescale); the key-padding bias is broadcast
+        as ``[B, 1, 1, N]`` instead of repeated per head, which also exports with a dynamic batch."""
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        spatial = hidden_states.ndim == 4
+        if spatial:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.flatten(2).transpose(1, 2)  # (B, HW, C)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         x = hidden_states if self.image_pos is None else self.image_pos(hidden_states)
         text = None
         if encoder_hidden_states is not None:
+            if attn.norm_cross:
+                encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
             text = self.cached_text_projections(attn, encoder_hidden_states)
-        return self.attend(attn, x, text, attention_bias(attention_mask, x.dtype))
+        out = self.attend(attn, x, text, attention_bias(attention_mask, x.dtype))
+        if spatial:
+            out = out.transpose(1, 2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
 
 
 class CrossAttentionKVCache:

@@ -70,15 +70,6 @@ def ccam_sites(sites: list[TransformerSite], count: int) -> list[TransformerSite
     return sorted(cross, key=lambda s: (-s.level, s.order))[: max(count, 0)]
 
 
-def _check_attention(site: TransformerSite) -> None:
-    for attn in (site.block.attn1, site.block.attn2):
-        if attn is None:
-            continue
-        unsupported = attn.group_norm is not None or attn.spatial_norm is not None or attn.norm_cross
-        if unsupported or attn.residual_connection or attn.rescale_output_factor != 1.0 or attn.norm_q is not None:
-            raise ValueError(f"{site.name}: attention options not supported by PositionalAttnProcessor")
-
-
 def install_attention_processors(unet: UNet2DConditionModel, cfg: ModelConfig, image: DomainConfig) -> None:
     """Set this project's processor on every attention of ``unet`` (in place)."""
     sites = transformer_sites(unet, image)
@@ -86,7 +77,6 @@ def install_attention_processors(unet: UNet2DConditionModel, cfg: ModelConfig, i
     if cfg.ccam and cfg.ccam_blocks < 1:
         raise ValueError("model.ccam_blocks: must be at least 1 when model.ccam is true")
     for site in sites:
-        _check_attention(site)
         pos = dict(height=site.height, width=site.width) if cfg.position_embeddings else {}
         text = dict(text_length=cfg.max_text_length) if cfg.position_embeddings else {}
         site.block.attn1.set_processor(PositionalAttnProcessor(channels=site.channels, **pos))
