@@ -3,8 +3,8 @@
 This is the one place that reads ``params.yaml``. Every section is a frozen dataclass; unknown keys and values of
 the wrong type raise :class:`ConfigError` naming the dotted key (``train.lr``) and what to do.
 
-``lambda`` is a Python keyword, so the top-level FSA-CDM weight ``lambda`` maps to
-:attr:`Params.contrastive_weight` here and nowhere else.
+``lambda`` is a Python keyword, so the top-level FSA-CDM weight ``lambda`` (of the EUBO term, eq. 10) is the field
+:attr:`Params.lambda_` (PEP 8's trailing underscore); its loss is ``losses.eubo_term`` and its log key ``loss_eubo``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ Domain = Literal["math", "tables", "music", "molecules"]
 DOMAINS: tuple[str, ...] = get_args(Domain)
 
 # params.yaml key -> dataclass field, for keys that are not valid Python names.
-_RENAMED = {"lambda": "contrastive_weight"}
+_RENAMED = {"lambda": "lambda_"}
 _RENAMED_BACK = {v: k for k, v in _RENAMED.items()}
 
 
@@ -219,7 +219,7 @@ class HcmaConfig:
 class Params:
     """All of ``params.yaml``."""
 
-    contrastive_weight: float = 0.005  # params.yaml: lambda (FSA-CDM eq. 10)
+    lambda_: float = 0.005  # params.yaml: lambda (FSA-CDM eq. 10)
     beta: float = 0.02
     tau: float = 0.1
     infonce_weight: float = 0.0  # weight of L_infonce (paper eq. 10: 1; why 0: diffusion/objectives.py)

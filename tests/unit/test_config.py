@@ -32,7 +32,7 @@ def _fails(raw: dict, key: str) -> str:
 
 def test_valid_params_load_and_lambda_maps_to_a_field():
     p = params_from_dict({**_raw(), "lambda": 0.01})
-    assert p.contrastive_weight == 0.01 and p.train.batch_size == 4 and p.model.block_out_channels == (8, 16)
+    assert p.lambda_ == 0.01 and p.train.batch_size == 4 and p.model.block_out_channels == (8, 16)
 
 
 @pytest.mark.parametrize(
@@ -51,7 +51,7 @@ def test_unknown_keys_name_the_dotted_key(raw, key):
 
 def test_unknown_key_lists_the_known_ones_with_lambda_spelled_as_in_params():
     msg = _fails({"lamda": 0.1}, "lamda")
-    assert "lambda" in msg and "contrastive_weight" not in msg
+    assert "lambda" in msg and "lambda_" not in msg
 
 
 @pytest.mark.parametrize(

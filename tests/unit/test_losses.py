@@ -7,9 +7,9 @@ import math
 import torch
 
 from markup2image.diffusion.losses import (
+    eubo_term,
     fine_grained_alignment_loss,
     info_nce_loss,
-    negative_elbo_penalty,
     same_batch_info_nce_loss,
     simple_loss,
 )
@@ -53,15 +53,15 @@ def test_fine_grained_alignment_loss_ignores_padding():
     assert math.isclose(fine_grained_alignment_loss(c3[:1], t[:1], mask[:1]).item(), 1 / math.sqrt(2), abs_tol=1e-6)
 
 
-def test_negative_elbo_penalty_hand_computed():
+def test_eubo_term_hand_computed():
     neg = torch.tensor([[0.0, math.log(2) / 2], [math.log(2), 100.0], [0.3, 0.4]])
     valid = torch.tensor([[True, True], [True, False], [False, False]])
     # row 0: (e^0 + e^{-ln2}) / 2 = (1 + 0.5) / 2 = 0.75; row 1: e^{-2 ln2} = 0.25 (100 masked);
     # row 2: no valid negative -> left out.  mean = (0.75 + 0.25) / 2 = 0.5
-    assert math.isclose(negative_elbo_penalty(neg, valid).item(), 0.5, abs_tol=1e-6)
+    assert math.isclose(eubo_term(neg, valid).item(), 0.5, abs_tol=1e-6)
     # without a mask every entry counts: row 1 -> (0.25 + e^-200)/2, row 2 -> (e^-0.6 + e^-0.8)/2
     expected = (0.75 + 0.125 + (math.exp(-0.6) + math.exp(-0.8)) / 2) / 3
-    assert math.isclose(negative_elbo_penalty(neg).item(), expected, abs_tol=1e-6)
+    assert math.isclose(eubo_term(neg).item(), expected, abs_tol=1e-6)
 
 
 def test_info_nce_hand_computed():

@@ -186,9 +186,7 @@ def test_fsa_cdm_without_con_aug_is_simple_plus_beta_fa():
 
 def test_fsa_cdm_composition_and_one_batched_unet_call():
     model = _model(fsa=True, con_aug=True, ccam=True)
-    params = dataclasses.replace(
-        _params(model, num_negatives=3), beta=0.3, contrastive_weight=0.7, tau=0.2, infonce_weight=0.4
-    )
+    params = dataclasses.replace(_params(model, num_negatives=3), beta=0.3, lambda_=0.7, tau=0.2, infonce_weight=0.4)
     calls = []
     model.unet.register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape[0]))
     loss, terms = get_objective("fsa_cdm")(model, _batch(b=4, keys=[1, 1, 2, 3]), SCHED, params, 0)
@@ -228,7 +226,7 @@ def test_fsa_cdm_gradients_reach_every_trainable_module(reading):
     model = _model(fsa=True, con_aug=True, ccam=True)
     params = dataclasses.replace(_params(model), infonce_weight=1.0, infonce_negatives=reading)
     loss, terms = get_objective("fsa_cdm")(model, _batch(b=4, keys=[1, 2, 3, 4]), SCHED, params, 0)
-    expected = terms["loss_simple"] + terms["loss_positive"] + params.contrastive_weight * terms["loss_eubo"]
+    expected = terms["loss_simple"] + terms["loss_positive"] + params.lambda_ * terms["loss_eubo"]
     expected += terms["loss_infonce"] + params.beta * terms["loss_fa"]
     assert math.isclose(loss.item(), expected, rel_tol=1e-5)
     loss.backward()
@@ -249,7 +247,7 @@ def test_fsa_cdm_infonce_weight_zero_keeps_the_head_in_the_graph():
     assert params.infonce_weight == 0.0
     loss, terms = get_objective("fsa_cdm")(model, _batch(b=4, keys=[1, 2, 3, 4]), SCHED, params, 0)
     assert terms["loss_infonce"] > 0
-    expected = terms["loss_simple"] + terms["loss_positive"] + params.contrastive_weight * terms["loss_eubo"]
+    expected = terms["loss_simple"] + terms["loss_positive"] + params.lambda_ * terms["loss_eubo"]
     assert math.isclose(loss.item(), expected + params.beta * terms["loss_fa"], rel_tol=1e-5)
     loss.backward()
     grads = [p.grad for p in model.contrastive_head.parameters()]

@@ -2,7 +2,7 @@
 
 * :func:`simple_loss`: ``L_simple = ||eps - eps_theta||^2`` averaged over pixels, per item.
 * :func:`fine_grained_alignment_loss`: FSA-CDM's ``L_fa`` over the valid markup tokens.
-* :func:`negative_elbo_penalty`: the EUBO-side term ``mean_k exp(-2 L_simple(negative_k))`` of eq. 10.
+* :func:`eubo_term`: the EUBO-side term ``mean_k exp(-2 L_simple(negative_k))`` of eq. 10.
 * :func:`info_nce_loss`: InfoNCE of an anchor against one positive and K (maskable) negatives.
 * :func:`same_batch_info_nce_loss`: InfoNCE whose negatives are the other items' views (SimCLR's same batch).
 * :func:`contrastive_diffusion_loss`: CDCD's contrastive term, InfoNCE whose scores are the negative denoising losses.
@@ -71,7 +71,7 @@ def _mean_over_items_with_negatives(per_item: torch.Tensor, negative_mask: torch
     return (per_item * has).sum() / has.sum().clamp(min=1)
 
 
-def negative_elbo_penalty(negative_simple: torch.Tensor, negative_mask: torch.Tensor | None = None) -> torch.Tensor:
+def eubo_term(negative_simple: torch.Tensor, negative_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``mean_b mean_k exp(-2 L_simple(negative_bk))`` over valid negatives (the ``lambda e^{2 L_elbo}`` term).
 
     ``negative_simple [B, K]`` (``L_simple`` of each negative), ``negative_mask [B, K]`` bool (True = a real

@@ -48,8 +48,8 @@ from markup2image.config import DiffusionConfig, Params
 from markup2image.data.layout_tensors import HcmaBatch
 from markup2image.diffusion.losses import (
     contrastive_diffusion_loss,
+    eubo_term,
     info_nce_loss,
-    negative_elbo_penalty,
     prediction_loss_weights,
     same_batch_info_nce_loss,
     simple_loss,
@@ -397,13 +397,13 @@ def fsa_cdm_loss(
         per_item, pos_simple = views[:b], views[b:]
         neg_simple = simple_loss(out.sample[2 * b :], eps_neg).view(b, k)  # EUBO: the plain L_simple of eq. 10
         z = out.mid_projection
-        penalty = negative_elbo_penalty(neg_simple, valid)
+        eubo = eubo_term(neg_simple, valid)
         if params.infonce_negatives == "other_items":
             nce = same_batch_info_nce_loss(z[:b], z[b : 2 * b], batch.markup_keys, params.tau)
         else:
             nce = info_nce_loss(z[:b], z[b : 2 * b], z[2 * b :].view(b, k, -1), params.tau, valid)
-        loss = per_item.mean() + pos_simple.mean() + params.contrastive_weight * penalty + params.infonce_weight * nce
-        terms |= {"loss_positive": pos_simple.mean().item(), "loss_eubo": penalty.item(), "loss_infonce": nce.item()}
+        loss = per_item.mean() + pos_simple.mean() + params.lambda_ * eubo + params.infonce_weight * nce
+        terms |= {"loss_positive": pos_simple.mean().item(), "loss_eubo": eubo.item(), "loss_infonce": nce.item()}
         terms["negatives_valid"] = valid.float().mean().item()
     if cfg.fsa:
         loss = loss + params.beta * out.alignment_loss
