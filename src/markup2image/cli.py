@@ -14,6 +14,8 @@ from pathlib import Path
 
 from markup2image import bench
 from markup2image.bench import emit
+from markup2image.config import DOMAINS
+from markup2image.runtime.schedulers import SAMPLERS
 
 log = logging.getLogger("markup2image")
 
@@ -234,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("render", help="render markup with the domain's real renderer (one item or a file of them)")
-    r.add_argument("--domain", required=True, choices=["math", "tables", "music", "molecules"])
+    r.add_argument("--domain", required=True, choices=DOMAINS)
     r.add_argument("--markup")
     r.add_argument(
         "--markup-file", type=Path, help="one markup per line, or JSONL with 'id' and 'markup'; --out is a folder"
@@ -260,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--guidance-scale", type=float, help="classifier-free guidance (default: the model's evaluate.guidance_scale)"
     )
     sm.add_argument("--out", required=True, type=Path)
-    sm.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim", "dpm_solver"])
+    sm.add_argument("--sampler", default="ddim", choices=SAMPLERS)
     sm.add_argument("--steps", type=int, default=0, help="default: 1000 for ddpm, 50 otherwise")
     sm.add_argument("--seed", type=int, default=0)
     sm.add_argument(

@@ -18,8 +18,15 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from markup2image.runtime.schedulers import SamplerName  # the torch-free runtime owns the sampler list
+
+# the modes, each once: everything that lists them (CLI choices, registries) derives from these
 Domain = Literal["math", "tables", "music", "molecules"]
 DOMAINS: tuple[str, ...] = get_args(Domain)
+ObjectiveName = Literal["ddpm", "ss_dm", "cdcd", "fsa_cdm"]
+OBJECTIVE_NAMES: tuple[str, ...] = get_args(ObjectiveName)
+TokenizerKind = Literal["bpe", "word", "char"]
+TOKENIZER_KINDS: tuple[str, ...] = get_args(TokenizerKind)
 
 # params.yaml key -> dataclass field, for keys that are not valid Python names.
 _RENAMED = {"lambda": "lambda_"}
@@ -86,7 +93,7 @@ class RenderConfig:
 
 @dataclass(frozen=True)
 class TokenizeConfig:
-    kind: Literal["bpe", "word", "char"] = "bpe"  # trained tokenizer (text/tokenizer.py); ignored with pretrained
+    kind: TokenizerKind = "bpe"  # trained tokenizer (text/tokenizer.py); ignored with pretrained
     vocab_size: int = 512
     min_frequency: int = 2
     max_length: int = 128  # the tokenize stage cuts every markup to this many tokens (reported per split)
@@ -140,7 +147,7 @@ class DiffusionConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    objective: Literal["ddpm", "ss_dm", "cdcd", "fsa_cdm"] = "ddpm"
+    objective: ObjectiveName = "ddpm"
     steps: int = 400
     # > 0: train this many passes over the training split instead; takes precedence over steps, which becomes
     # ceil(epochs * train items / batch_size) when training starts (logged), e.g. the paper's 100 epochs
@@ -174,7 +181,7 @@ class TrainConfig:
 class EvaluateConfig:
     num_samples: int = 16
     guidance_scale: float = 1.0  # classifier-free guidance w (1 = none; needs a model trained with cond_dropout)
-    sampler: Literal["ddpm", "ddim", "dpm_solver"] = "ddim"
+    sampler: SamplerName = "ddim"
     steps: int = 20
     batch_size: int = 16
     seed: int = 42

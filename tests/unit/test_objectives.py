@@ -10,7 +10,7 @@ import torch
 from tiny_models import TINY_IMAGE, TINY_MODEL
 from torch import nn
 
-from markup2image.config import HcmaConfig, Params, TrainConfig
+from markup2image.config import OBJECTIVE_NAMES, HcmaConfig, Params, TrainConfig
 from markup2image.data.layout_tensors import HcmaBatch, LayoutBatch
 from markup2image.diffusion.losses import contrastive_diffusion_loss
 from markup2image.diffusion.objectives import (
@@ -70,6 +70,7 @@ class RecordingDenoiser(nn.Module):
 
 def test_registry_has_every_objective():
     assert set(OBJECTIVES) == {"ddpm", "ss_dm", "cdcd", "fsa_cdm"}
+    assert tuple(OBJECTIVES) == OBJECTIVE_NAMES  # the registry and train.objective's Literal list the same modes
     with pytest.raises(ValueError, match="train.objective"):
         get_objective("nope")
 

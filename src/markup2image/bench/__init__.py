@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from markup2image.config import OBJECTIVE_NAMES
 from markup2image.io import write_json
+from markup2image.runtime.schedulers import SAMPLERS
 
 Flag = tuple[tuple[str, ...], dict[str, Any]]
 
@@ -84,7 +86,7 @@ BENCHES: dict[str, Bench] = {
         (
             (("--model",), {"type": Path, "required": True, "help": "models/<domain>/model"}),
             (("--rendered",), {"type": Path, "required": True, "help": "data/rendered/<domain>"}),
-            (("--samplers",), {"nargs": "+", "default": ["ddpm", "ddim", "dpm_solver"]}),
+            (("--samplers",), {"nargs": "+", "default": list(SAMPLERS)}),
             (("--steps",), {"type": int, "nargs": "+", "default": [1000, 250, 100, 50, 20]}),
             (
                 ("-n", "--num-samples"),
@@ -98,7 +100,7 @@ BENCHES: dict[str, Bench] = {
         "markup2image.bench.train",
         (
             DOMAIN,
-            (("--objectives",), {"nargs": "+", "default": ["ddpm", "ss_dm", "cdcd", "fsa_cdm"]}),
+            (("--objectives",), {"nargs": "+", "default": list(OBJECTIVE_NAMES)}),
             (("--sizes",), {"nargs": "+", "default": ["tiny"], "help": "tiny, paper, params"}),
             (("--steps",), {"type": int, "default": 20, "help": "timed steps"}),
             (("--batch",), {"type": int, "default": None, "help": "images per step (default 8; 2 for paper)"}),

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from markup2image.bench.train_processes import bench_train_processes
-from markup2image.config import Params
+from markup2image.config import OBJECTIVE_NAMES, Params
 from markup2image.diffusion.objectives import TrainBatch, get_objective, noise_scheduler
 from markup2image.models.model import MarkupToImageModel
 from markup2image.models.summary import count_parameters, sized_model_config, with_switches
@@ -91,7 +91,7 @@ def _time_objective(
 
 def bench_train(
     params: Params,
-    objectives: Sequence[str] = ("ddpm", "ss_dm", "cdcd", "fsa_cdm"),
+    objectives: Sequence[str] = OBJECTIVE_NAMES,
     sizes: Sequence[str] = ("tiny", "paper"),
     steps: int = 3,
     warmup: int = 1,

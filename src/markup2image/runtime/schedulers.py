@@ -16,12 +16,13 @@ one more per step, in step order.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
 SamplerName = Literal["ddpm", "ddim", "dpm_solver"]
-SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpm_solver")
+SAMPLERS: tuple[str, ...] = get_args(SamplerName)
+
 F32 = np.float32
 
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from markup2image.config import TOKENIZER_KINDS
 from markup2image.io import CorruptFileError, atomic_open, read_jsonl, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -23,8 +24,6 @@ log = logging.getLogger(__name__)
 PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
 SPECIAL_TOKENS = [PAD, UNK, BOS, EOS]
 TOKENIZER_FILE = "tokenizer.json"
-TokenizerKind = Literal["bpe", "word", "char"]
-TOKENIZER_KINDS: tuple[str, ...] = get_args(TokenizerKind)
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
