@@ -10,12 +10,9 @@
 Training only: it shapes the markup features ``t`` that the U-Net attends to; sampling never runs it.
 
 Interpretation (the paper gives no code): in ``L_fa`` the markup tokens ``t`` are the TARGET side of the cosines
-under a stop-gradient, and ``L_fa`` reaches the markup encoder only through the CAM query ``q = t`` (which image
-tokens each markup token attends to). With the gradient also flowing into the target ``t``, the loss is cheapest
-when the tokens lose their content (e.g. become position codes that ``c`` can reproduce from any image): on the
-overfit harness (4 formulas, 700 steps) the U-Net then ignored the markup entirely (denoising loss 0.0491 with the
-right markup vs 0.0492 shuffled, samples = the wrong training formulas, DTW 8.25 vs blank 7.94), for ``beta`` as
-low as 0.002 and without gradient clipping. With the stop-gradient target: 0.058 vs 0.087, DTW 3.27 (ddpm 3.73).
+under a stop-gradient, and ``L_fa`` reaches the markup encoder only through the CAM query ``q = t``. With the
+gradient also flowing into ``t`` the tokens collapse to what ``c`` can reproduce from any image and the U-Net
+ignores the markup: docs/decisions.md §7 (the measurement and the test that shows it).
 """
 
 from __future__ import annotations

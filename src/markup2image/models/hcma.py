@@ -20,10 +20,8 @@ Adapted from "Hierarchical Cross-modal Alignment for Grounded Text-to-Image Gene
   side and cannot pull the markup encoder towards a collapsed, trivially alignable representation.
 * ``hcma.center_text`` (default): both targets use the markup features minus their mean: the batch's in training
   (the jointly trained encoder keeps moving), the running mean (a buffer, :data:`TEXT_MEAN_MOMENTUM`) at sampling.
-  The encoder's features share one large common direction (measured on the grounded demo: pooled features of
-  different formulas at cos 0.94-0.99, tokens of one formula at 0.65-1.0), so an uncentred ``1 - cos`` is reached
-  by predicting that direction from pure noise: the losses go to ~0.01 while the modules ignore the image, and
-  their gradient (guidance) vanishes (mean |grad| ~1e-6 per pixel).
+  Uncentred, ``1 - cos`` is reached by predicting the features' common direction from pure noise, and guidance
+  vanishes: docs/decisions.md §8.
 
 Layouts as tensors (boxes -> markup token positions): :mod:`markup2image.data.layout_tensors`; the two losses:
 :mod:`markup2image.diffusion.losses`.
