@@ -12,7 +12,7 @@ def main() -> None:
     args = p.parse_args()
     params = setup(args)
     with user_errors():
-        download_corpus(args.domain, params, args.out)
+        download_corpus(params, args.domain, args.out)
 
 
 if __name__ == "__main__":

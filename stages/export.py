@@ -16,7 +16,7 @@ def main() -> None:
     params = setup(args)
     try:
         with user_errors():
-            export_model(args.model, args.out, params)
+            export_model(params, args.model, args.out)
     except ExportParityError as exc:
         sys.exit(f"error: export parity failed for {args.domain}: {exc}")
 

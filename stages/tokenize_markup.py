@@ -12,11 +12,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     params = setup(args)
-    t = params.tokenize
     with user_errors():
-        tokenize_corpus(
-            args.rendered, args.out, t.vocab_size, t.min_frequency, t.pretrained, kind=t.kind, max_length=t.max_length
-        )
+        tokenize_corpus(params.tokenize, args.rendered, args.out)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict
     )
     model.save(model_dir)
     (model_dir / TOKENIZER_FILE).write_text(tok.to_str())
-    manifest = export_model(model_dir, out_dir, PARAMS, progress=False)
+    manifest = export_model(PARAMS, model_dir, out_dir, progress=False)
     return model_dir, out_dir, manifest
 
 
@@ -247,7 +247,7 @@ def test_tampered_weights_fail_the_export(
     monkeypatch.setattr(onnx_export, "export_graphs", reuse_graphs_then_tamper)
     failed = tmp_path / "math"
     with pytest.raises(ExportParityError, match=r"unet at B=3, N=7: max \|Δ\| 0\.01 > 0\.0001") as info:
-        export_model(model_dir, failed, PARAMS, progress=False)
+        export_model(PARAMS, model_dir, failed, progress=False)
     assert str(failed) in str(info.value) and "encoder at" not in str(info.value)
     assert not (failed / MANIFEST).exists()
     report = json.loads((failed / "parity.json").read_text())

@@ -235,7 +235,7 @@ def test_render_corpus_counts_add_up_per_domain(tmp_path: Path, domain: str) -> 
     write_jsonl(tmp_path / "raw" / "val.jsonl", [{"id": i, "markup": m} for i, m in rows[2:]])
     write_jsonl(tmp_path / "raw" / "test.jsonl", [])
     params = dataclasses.replace(params, render=RenderConfig(workers=2, timeout=120, batch_size=2))
-    report = render_corpus(domain, params, tmp_path / "raw", tmp_path / "out", progress=False)
+    report = render_corpus(params, domain, tmp_path / "raw", tmp_path / "out", progress=False)
     assert report["total"] == 3 == report["rendered"] + report["rejected"]
     assert report["rendered"] == 1
     assert (tmp_path / "out" / "images" / f"{rows[0][0]}.png").exists()
@@ -249,5 +249,5 @@ def test_render_stage_fails_early_with_one_line_when_the_tool_is_missing(
     hide_tools(monkeypatch, tmp_path)
     params = dataclasses.replace(PARAMS, domain={**PARAMS.domain, "math": LATEX})
     with pytest.raises(RuntimeError, match=r"apt-get install texlive-latex-base dvipng.*mathtext"):
-        render_corpus("math", params, tmp_path / "raw", tmp_path / "out", progress=False)
+        render_corpus(params, "math", tmp_path / "raw", tmp_path / "out", progress=False)
     assert not (tmp_path / "out" / "images").exists() or not any((tmp_path / "out" / "images").iterdir())

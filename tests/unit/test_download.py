@@ -23,14 +23,14 @@ def data_params(**data: object) -> Params:
 
 @pytest.mark.parametrize("domain", ["math", "tables", "music", "molecules"])
 def test_synthetic_download_writes_three_splits(tmp_path: Path, domain: str) -> None:
-    counts = download_corpus(domain, data_params(), tmp_path)
+    counts = download_corpus(data_params(), domain, tmp_path)
     assert {s: counts[s] for s in ("train", "val", "test")} == {"train": 6, "val": 2, "test": 2}
     rows = {s: read_jsonl(tmp_path / f"{s}.jsonl") for s in ("train", "val", "test")}
     assert all(set(r) == {"id", "markup"} for split in rows.values() for r in split)
     ids = [r["id"] for split in rows.values() for r in split]
     assert len(set(ids)) == 10
     again = tmp_path / "again"
-    download_corpus(domain, data_params(), again)
+    download_corpus(data_params(), domain, again)
     assert (again / "test.jsonl").read_text() == (tmp_path / "test.jsonl").read_text()
 
 
@@ -42,7 +42,7 @@ def test_file_source_jsonl_with_splits(tmp_path: Path) -> None:
         {"id": "c", "formula": "z", "split": "test"},
         {"id": "a", "formula": "again", "split": "test"},  # repeated id: dropped
     ])  # fmt: skip
-    download_corpus("math", data_params(source="file", files={"math": str(src)}), tmp_path / "out")
+    download_corpus(data_params(source="file", files={"math": str(src)}), "math", tmp_path / "out")
     assert read_jsonl(tmp_path / "out" / "train.jsonl") == [{"id": "a", "markup": "x + 1"}]
     assert read_jsonl(tmp_path / "out" / "val.jsonl") == [{"id": "b", "markup": "y"}]
     assert read_jsonl(tmp_path / "out" / "test.jsonl") == [{"id": "c", "markup": "z"}]
@@ -55,7 +55,7 @@ def test_file_source_csv_without_splits_is_cut_by_seed(tmp_path: Path) -> None:
         writer.writerow(["smiles"])
         writer.writerows([[s] for s in ["C", "CC", "CCC", "CCO", "c1ccccc1", "CN", "CCN", "O=C=O", "N#N", "CCCl"]])
     params = data_params(source="file", files={"molecules": str(src)}, train_size=-1, val_size=2, test_size=3)
-    counts = download_corpus("molecules", params, tmp_path / "out")
+    counts = download_corpus(params, "molecules", tmp_path / "out")
     assert (counts["train"], counts["val"], counts["test"]) == (5, 2, 3)
     markups = [r["markup"] for s in ("train", "val", "test") for r in read_jsonl(tmp_path / "out" / f"{s}.jsonl")]
     assert sorted(markups) == sorted(["C", "CC", "CCC", "CCO", "c1ccccc1", "CN", "CCN", "O=C=O", "N#N", "CCCl"])
@@ -63,9 +63,9 @@ def test_file_source_csv_without_splits_is_cut_by_seed(tmp_path: Path) -> None:
 
 def test_file_source_errors_name_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="data.files.math"):
-        download_corpus("math", data_params(source="file"), tmp_path)
+        download_corpus(data_params(source="file"), "math", tmp_path)
     with pytest.raises(ConfigError, match="does not exist"):
-        download_corpus("math", data_params(source="file", files={"math": str(tmp_path / "nope.jsonl")}), tmp_path)
+        download_corpus(data_params(source="file", files={"math": str(tmp_path / "nope.jsonl")}), "math", tmp_path)
 
 
 def make_hub_fixture(root: Path) -> dict[str, list[np.ndarray]]:
@@ -101,12 +101,12 @@ def test_hub_source_keeps_gold_images_through_render(tmp_path: Path) -> None:
     hub.mkdir()
     images = make_hub_fixture(hub)
     params = data_params(source="hub", hub_ids={"math": str(hub)}, train_size=-1, val_size=-1, test_size=-1)
-    counts = download_corpus("math", params, tmp_path / "raw")
+    counts = download_corpus(params, "math", tmp_path / "raw")
     assert (counts["train"], counts["val"], counts["test"], counts["gold"]) == (3, 2, 2, 7)
     assert read_jsonl(tmp_path / "raw" / "val.jsonl")[1] == {"id": "val01", "markup": "x _ { 1 } val"}
     assert np.array_equal(load_image(tmp_path / "raw" / "gold" / "train02.png"), images["train"][2])
 
-    report = render_corpus("math", params, tmp_path / "raw", tmp_path / "rendered", progress=False)
+    report = render_corpus(params, "math", tmp_path / "raw", tmp_path / "rendered", progress=False)
     assert report["gold"] == report["rendered"] == report["total"] == 7
     assert np.array_equal(load_image(tmp_path / "rendered" / "images" / "train01.png"), images["train"][1])
     moved = load_image(tmp_path / "rendered" / "images" / "test01.png")
@@ -121,7 +121,7 @@ def test_hub_sizes_take_the_first_rows(tmp_path: Path) -> None:
     hub.mkdir()
     make_hub_fixture(hub)
     params = data_params(source="hub", hub_ids={"math": str(hub)}, train_size=2, val_size=0, test_size=1)
-    counts = download_corpus("math", params, tmp_path / "raw")
+    counts = download_corpus(params, "math", tmp_path / "raw")
     assert (counts["train"], counts["val"], counts["test"], counts["gold"]) == (2, 0, 1, 3)
     assert [r["id"] for r in read_jsonl(tmp_path / "raw" / "train.jsonl")] == ["train00", "train01"]
 
@@ -129,4 +129,4 @@ def test_hub_sizes_take_the_first_rows(tmp_path: Path) -> None:
 def test_unreachable_hub_id_is_one_clear_error(tmp_path: Path) -> None:
     params = data_params(source="hub", hub_ids={"math": str(tmp_path / "no-such-dataset")})
     with pytest.raises(RuntimeError, match="data.hub_ids.math"):
-        download_corpus("math", params, tmp_path / "raw")
+        download_corpus(params, "math", tmp_path / "raw")

@@ -177,7 +177,7 @@ def test_render_stage_writes_layouts_and_counts_them(tmp_path: Path) -> None:
     params = Params(render=RenderConfig(workers=1, timeout=30, batch_size=2))
     _corpus(tmp_path / "in", [("a", "x + y"), ("b", r"\frac {"), ("c", r"\alpha ^ { 2 }")])
     out = tmp_path / "out"
-    report = render_mod.render_corpus("math", params, tmp_path / "in", out, progress=False)
+    report = render_mod.render_corpus(params, "math", tmp_path / "in", out, progress=False)
     assert report["layouts"] == {"with": 2, "without": 0}
     rows = [json.loads(line) for line in (out / "layouts.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == ["a", "c"]
@@ -186,7 +186,7 @@ def test_render_stage_writes_layouts_and_counts_them(tmp_path: Path) -> None:
     assert L.load_layouts(out)["a"] == rows[0]["boxes"]
     # resume: nothing redone, same counts; an item that becomes a reject loses its stale layout file
     _corpus(tmp_path / "in", [("a", "x + y"), ("b", r"\frac {"), ("c", r"\alpha ^ {")])
-    again = render_mod.render_corpus("math", params, tmp_path / "in", out, progress=False)
+    again = render_mod.render_corpus(params, "math", tmp_path / "in", out, progress=False)
     assert again["this_run"]["skipped_done"] == 2
     assert again["layouts"] == {"with": 1, "without": 0}
     assert sorted(p.name for p in (out / "layouts").iterdir()) == ["a.json"]
@@ -197,6 +197,6 @@ def test_items_without_layouts_are_counted(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(type(engine), "render_with_layout", lambda self, m, cfg: (self.render(m, cfg), None))
     params = Params(render=RenderConfig(workers=1, timeout=30, batch_size=4))
     _corpus(tmp_path / "in", [("a", "x + y"), ("b", "z")])
-    report = render_mod.render_corpus("math", params, tmp_path / "in", tmp_path / "out", progress=False)
+    report = render_mod.render_corpus(params, "math", tmp_path / "in", tmp_path / "out", progress=False)
     assert report["layouts"] == {"with": 0, "without": 2} and report["rendered"] == 2
     assert (tmp_path / "out" / "layouts.jsonl").read_text() == ""

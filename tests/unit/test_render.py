@@ -114,7 +114,7 @@ def params(workers: int = 1, batch_size: int = 3, timeout: float = 30.0, **domai
 def test_render_corpus_counts_add_up_with_broken_items(tmp_path: Path, workers: int) -> None:
     make_corpus(tmp_path / "in", CORPUS)
     out = tmp_path / "out"
-    report = render_mod.render_corpus("math", params(workers), tmp_path / "in", out, progress=False)
+    report = render_mod.render_corpus(params(workers), "math", tmp_path / "in", out, progress=False)
     assert report["total"] == 8 == report["rendered"] + report["rejected"]
     assert report["reasons"] == {"parse_error": 1, "overflow": 1, "empty": 1}
     assert report["splits"]["train"] == {
@@ -135,11 +135,11 @@ def test_render_corpus_counts_add_up_with_broken_items(tmp_path: Path, workers: 
 def test_resume_skips_done_items_and_redoes_a_corrupt_png(tmp_path: Path) -> None:
     make_corpus(tmp_path / "in", CORPUS)
     out = tmp_path / "out"
-    first = render_mod.render_corpus("math", params(), tmp_path / "in", out, progress=False)
+    first = render_mod.render_corpus(params(), "math", tmp_path / "in", out, progress=False)
     good = (out / "images" / "t0.png").read_bytes()
     (out / "images" / "t0.png").write_bytes(good[: len(good) // 2])  # a half-written file
     os.utime(out / "images" / "s0.png", (0, 0))
-    second = render_mod.render_corpus("math", params(), tmp_path / "in", out, progress=False)
+    second = render_mod.render_corpus(params(), "math", tmp_path / "in", out, progress=False)
     assert second["this_run"]["skipped_done"] == 7
     assert second["this_run"]["rendered"] == 1 and second["this_run"]["rejected"] == 0
     assert (out / "images" / "t0.png").read_bytes() == good
@@ -152,12 +152,12 @@ def test_resume_skips_done_items_and_redoes_a_corrupt_png(tmp_path: Path) -> Non
 def test_resume_ignores_a_cut_journal_line_and_a_changed_markup(tmp_path: Path) -> None:
     make_corpus(tmp_path / "in", CORPUS)
     out = tmp_path / "out"
-    render_mod.render_corpus("math", params(), tmp_path / "in", out, progress=False)
+    render_mod.render_corpus(params(), "math", tmp_path / "in", out, progress=False)
     with (out / render_mod.JOURNAL).open("a") as fh:
         fh.write('{"id": "t0", "status": "rej')  # killed mid-write
     changed = {**CORPUS, "val": [("v0", r"\gamma"), ("v1", "")]}
     make_corpus(tmp_path / "in", changed)
-    report = render_mod.render_corpus("math", params(), tmp_path / "in", out, progress=False)
+    report = render_mod.render_corpus(params(), "math", tmp_path / "in", out, progress=False)
     assert report["this_run"]["skipped_done"] == 7 and report["this_run"]["rendered"] == 1
     assert report["total"] == report["rendered"] + report["rejected"] == 8
 
@@ -165,8 +165,8 @@ def test_resume_ignores_a_cut_journal_line_and_a_changed_markup(tmp_path: Path) 
 def test_changed_renderer_settings_render_everything_again(tmp_path: Path) -> None:
     make_corpus(tmp_path / "in", CORPUS)
     out = tmp_path / "out"
-    render_mod.render_corpus("math", params(), tmp_path / "in", out, progress=False)
-    report = render_mod.render_corpus("math", params(font_size=10.0), tmp_path / "in", out, progress=False)
+    render_mod.render_corpus(params(), "math", tmp_path / "in", out, progress=False)
+    report = render_mod.render_corpus(params(font_size=10.0), "math", tmp_path / "in", out, progress=False)
     assert report["this_run"]["skipped_done"] == 0
 
 
@@ -200,7 +200,7 @@ def test_a_hanging_or_dying_renderer_costs_only_its_item(tmp_path: Path, flaky: 
     make_corpus(tmp_path / "in", {"train": rows})
     p = params(workers=workers, batch_size=6, timeout=0.5, engine="flaky")
     start = time.monotonic()
-    report = render_mod.render_corpus("math", p, tmp_path / "in", tmp_path / "out", progress=False)
+    report = render_mod.render_corpus(p, "math", tmp_path / "in", tmp_path / "out", progress=False)
     assert time.monotonic() - start < 20
     assert report["total"] == len(rows) == report["rendered"] + report["rejected"]
     expected = {"timeout": 1, "crash": 1} if workers == 2 else {"timeout": 1}

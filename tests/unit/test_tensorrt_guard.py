@@ -125,7 +125,7 @@ def test_engine_matches_onnxruntime(tmp_path: Path) -> None:  # pragma: no cover
     model = MarkupToImageModel(model_cfg=cfg, image=DomainConfig(height=16, width=32), vocab_size=tok.get_vocab_size())
     model.save(tmp_path / "model")
     (tmp_path / "model" / TOKENIZER_FILE).write_text(tok.to_str())
-    manifest = export_model(tmp_path / "model", tmp_path / "math", _params(trt_precision="fp32"), progress=False)
+    manifest = export_model(_params(trt_precision="fp32"), tmp_path / "model", tmp_path / "math", progress=False)
     assert manifest["tensorrt"]["engine"] == ENGINE_FILE
     ids, mask = ExportedModel(tmp_path / "math").tokenize(["x ^ { 2 }", "a + b"])
     ort_img = ExportedModel(tmp_path / "math").sample(ids, mask, sampler="ddim", steps=5, seed=0)

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from markup2image.config import TokenizeConfig
 from markup2image.text.tokenizer import (
     BOS,
     EOS,
@@ -48,7 +49,7 @@ def test_tokenize_corpus_writes_ids_for_every_split(tmp_path):
                 json.dumps({"id": f"{split}{i}", "markup": m, "image": "x.png"}) + "\n" for i, m in enumerate(rows)
             )
         )
-    report = tokenize_corpus(rendered, tmp_path / "tok", vocab_size=100, min_frequency=1)
+    report = tokenize_corpus(TokenizeConfig(vocab_size=100, min_frequency=1, max_length=0), rendered, tmp_path / "tok")
     assert report["counts"] == {"train": 8, "val": 2, "test": 2}
     tok = load_tokenizer(tmp_path / "tok")
     rows = [json.loads(line) for line in (tmp_path / "tok" / "test.jsonl").read_text().splitlines()]
@@ -82,7 +83,7 @@ def test_tokenize_corpus_records_the_kind(tmp_path):
     rendered = tmp_path / "r"
     for split in ("train", "val", "test"):
         write_jsonl(rendered / f"{split}.jsonl", [{"id": f"{split}{i}", "markup": m} for i, m in enumerate(CORPUS)])
-    report = tokenize_corpus(rendered, tmp_path / "tok", vocab_size=100, min_frequency=1, kind="char")
+    report = tokenize_corpus(TokenizeConfig("char", 100, 1, max_length=0), rendered, tmp_path / "tok")
     assert report["kind"] == "char"
     tok = load_tokenizer(tmp_path / "tok")
     assert tok.encode("ab").tokens == [BOS, "a", "b", EOS]
@@ -94,11 +95,11 @@ def test_tokenize_corpus_cuts_at_max_length_and_reports_the_rate(tmp_path, caplo
     rendered = tmp_path / "r"
     for split in ("train", "val", "test"):
         write_jsonl(rendered / f"{split}.jsonl", [{"id": f"{split}{i}", "markup": m} for i, m in enumerate(CORPUS)])
-    full = tokenize_corpus(rendered, tmp_path / "full", vocab_size=100, min_frequency=1, kind="char")
+    full = tokenize_corpus(TokenizeConfig("char", 100, 1, max_length=0), rendered, tmp_path / "full")
     lengths = [len(load_tokenizer(tmp_path / "full").encode(m).ids) for m in CORPUS]
     cut = sorted(lengths)[len(lengths) // 2]  # about half the items are longer
     with caplog.at_level("WARNING"):
-        report = tokenize_corpus(rendered, tmp_path / "cut", 100, 1, kind="char", max_length=cut)
+        report = tokenize_corpus(TokenizeConfig("char", 100, 1, max_length=cut), rendered, tmp_path / "cut")
     longer = sum(n > cut for n in lengths)
     assert 0 < longer < len(CORPUS)
     assert report["truncated"] == {"train": longer, "val": longer, "test": longer}

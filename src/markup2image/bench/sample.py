@@ -67,7 +67,7 @@ def _resolve(path: Path, params: Any, work: Path) -> tuple[Path, Path | None, fl
         )
 
     t0 = time.perf_counter()
-    export_model(path, work / "export", params or Params(), progress=False)
+    export_model(params or Params(), path, work / "export", progress=False)
     return work / "export", path, time.perf_counter() - t0
 
 

@@ -1,6 +1,6 @@
 """The download stage: markup corpora with stable ids and ``train/val/test`` splits.
 
-``download_corpus(domain, params, out_dir)`` writes ``out_dir/{train,val,test}.jsonl`` with rows
+``download_corpus(params, domain, out_dir)`` writes ``out_dir/{train,val,test}.jsonl`` with rows
 ``{"id": str, "markup": str}`` (atomically) and returns the counts. Sources (``params.data.source``):
 
 - ``synthetic``: the seeded generators of :mod:`markup2image.data.generators` (``data.seed``, ``data.*_size``).
@@ -50,7 +50,7 @@ def grammar_of(params: Params) -> dict[str, int | str]:
     return {"max_depth": d.max_depth, "max_terms": d.max_terms, "symbols": d.symbols}
 
 
-def download_corpus(domain: str, params: Params, out_dir: Path) -> dict:
+def download_corpus(params: Params, domain: str, out_dir: Path) -> dict:
     """Write ``out_dir/{split}.jsonl`` (and ``gold/`` for hub images) for ``domain``; return the counts."""
     out_dir = Path(out_dir)
     source = params.data.source

@@ -464,7 +464,7 @@ def _prereject(splits: dict[str, list[dict[str, Any]]], max_chars: int, wanted: 
     return out
 
 
-def render_corpus(domain: str, params: Params, in_dir: Path, out_dir: Path, progress: bool = True) -> dict:
+def render_corpus(params: Params, domain: str, in_dir: Path, out_dir: Path, progress: bool = True) -> dict:
     """Render ``in_dir/{split}.jsonl`` of ``domain`` into ``out_dir`` (layout in the module docstring).
 
     Returns the report that is also written to ``out_dir/render_report.json``.
@@ -597,7 +597,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     params = setup(args)
     with user_errors():
-        render_corpus(args.domain, params, args.raw, args.out)
+        render_corpus(params, args.domain, args.raw, args.out)
 
 
 if __name__ == "__main__":

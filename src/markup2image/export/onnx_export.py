@@ -1,6 +1,6 @@
 """The export stage's library side: markup encoder + U-Net -> ONNX, parity, TensorRT, manifest (design §7).
 
-``export_model(model_dir, out_dir, params)`` writes into ``out_dir``:
+``export_model(params, model_dir, out_dir)`` writes into ``out_dir``:
 
 * ``encoder.onnx``: ``input_ids, attention_mask [B, N]`` int64 -> ``hidden [B, N, D]``; runs once per image.
 * ``unet.onnx``: ``sample [B, C, H, W]``, ``timestep [B]`` int64, ``encoder_hidden_states [B, N, D]``,
@@ -158,7 +158,7 @@ def build_manifest(
 
 
 def export_model(
-    model_dir: str | Path, out_dir: str | Path, params: Params, progress: bool = True, domain: str | None = None
+    params: Params, model_dir: str | Path, out_dir: str | Path, progress: bool = True, domain: str | None = None
 ) -> dict[str, Any]:
     """Export a trained model folder (``model_config.json``, ``model.safetensors``, ``tokenizer.json``).
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from markup2image.config import TOKENIZER_KINDS
+from markup2image.config import TOKENIZER_KINDS, TokenizeConfig
 from markup2image.io import CorruptFileError, atomic_open, read_jsonl, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -146,30 +146,24 @@ def empty_markup_like(tok: Tokenizer, input_ids: np.ndarray) -> tuple[np.ndarray
     return ids, mask
 
 
-def tokenize_corpus(
-    rendered_dir: str | Path,
-    out_dir: str | Path,
-    vocab_size: int,
-    min_frequency: int,
-    pretrained: str = "",
-    kind: str = "bpe",
-    max_length: int = 0,
-) -> dict:
-    """The tokenize stage: train a ``kind`` tokenizer on the rendered train split (or load ``pretrained``), write
-    ids for all splits, each cut to ``max_length`` tokens (0: no cut) as SS-DM cuts at ``max_input_length``.
+def tokenize_corpus(cfg: TokenizeConfig, rendered_dir: str | Path, out_dir: str | Path) -> dict:
+    """The tokenize stage: train a ``cfg.kind`` tokenizer on the rendered train split (or load ``cfg.pretrained``),
+    write ids for all splits, each cut to ``cfg.max_length`` tokens (0: no cut) as SS-DM cuts at
+    ``max_input_length``.
 
     Writes ``out_dir/tokenizer.json`` and ``out_dir/<split>.jsonl`` rows ``{"id", "ids"}``. Returns counts, the
     vocabulary size and, per split, how many items were truncated (``truncated``, ``truncation_rate``).
     """
 
     rendered_dir, out_dir = Path(rendered_dir), Path(out_dir)
+    pretrained, max_length = cfg.pretrained, cfg.max_length
     splits = {s: read_jsonl(rendered_dir / f"{s}.jsonl") for s in ("train", "val", "test")}
     if pretrained:
         tok = load_tokenizer(pretrained)
     else:
         if not splits["train"]:
             raise ValueError(f"{rendered_dir}/train.jsonl: no rendered training markup to train the tokenizer on")
-        tok = train_tokenizer(kind, (r["markup"] for r in splits["train"]), vocab_size, min_frequency)
+        tok = train_tokenizer(cfg.kind, (r["markup"] for r in splits["train"]), cfg.vocab_size, cfg.min_frequency)
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_open(out_dir / TOKENIZER_FILE) as fh:
         fh.write(tok.to_str())
@@ -190,7 +184,7 @@ def tokenize_corpus(
             )  # fmt: skip
     lengths = lengths or [0]
     report = {
-        "kind": "pretrained" if pretrained else kind,
+        "kind": "pretrained" if pretrained else cfg.kind,
         "vocab_size": tok.get_vocab_size(),
         "counts": counts,
         "max_tokens": max(lengths),
