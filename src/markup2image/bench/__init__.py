@@ -14,6 +14,7 @@ import json
 import os
 import platform
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -143,8 +144,18 @@ def run(args: argparse.Namespace, params: Any) -> int:
     return 0
 
 
+VERSIONS = ("torch", "numpy", "onnxruntime", "diffusers")  # the libraries whose speed a bench measures
+
+
 def machine_record() -> dict[str, Any]:
-    """What every bench result carries about the machine it ran on (read speeds as ratios within one run)."""
+    """What every bench result carries about the machine it ran on, in its one ``host`` field (read speeds as
+    ratios within one run, with the load they ran under); the benches themselves record only what they set."""
+    versions = {}
+    for name in VERSIONS:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
     return {
         "machine": platform.machine(),
         "processor": platform.processor() or None,
@@ -152,6 +163,7 @@ def machine_record() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "versions": versions,
     }
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import platform
 import time
 from collections.abc import Callable
 from typing import Any
@@ -72,13 +70,6 @@ def bench_metrics(num_pairs: int = 32, height: int = 64, width: int = 320, seed:
         logger.info("%-10s %.3f ms/pair", name, 1e3 * results[name]["median_s"])
     return {
         "config": {"num_pairs": num_pairs, "height": height, "width": width, "seed": seed},
-        "environment": {
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-            "machine": platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        },
         "metrics": results,
     }
 

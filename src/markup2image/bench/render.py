@@ -13,8 +13,6 @@ process AND of the tools it ran (``latex``, ``dvipng``, ``lilypond``: ``RUSAGE_C
 from __future__ import annotations
 
 import dataclasses
-import os
-import platform
 import resource
 import time
 from collections import Counter
@@ -71,9 +69,6 @@ def bench_render(domain: str, engine: str | None, num_items: int, params: Params
         "rejected": sum(reasons.values()),
         "reasons": dict(sorted(reasons.items())),
         "shape": [cfg.height, cfg.width, cfg.channels],
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
     }
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import platform
 import statistics
 import subprocess
 import sys
@@ -282,7 +281,6 @@ def bench_sample(
             "text_length": length,
             "image": manifest["image"],
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "cpu": platform.processor() or platform.machine(),
             "export_seconds": export_seconds,
             "results": results,
             "speedup": _speedups(results),

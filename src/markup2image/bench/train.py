@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import platform
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -125,8 +124,6 @@ def bench_train(
         "domain": domain,
         "device": device if not device.startswith("cuda") else torch.cuda.get_device_name(device),
         "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "machine": platform.machine(),
     }
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import platform
 import subprocess
 import tempfile
 import time
@@ -107,6 +106,4 @@ def bench_train_processes(
         "domain": domain,
         "objective": train.objective,
         "threads_per_process": int(os.environ.get("OMP_NUM_THREADS", "1")),
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
     }
