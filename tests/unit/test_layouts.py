@@ -15,6 +15,8 @@ from markup2image.data import layouts as L
 from markup2image.data import render as render_mod
 from markup2image.data.renderers import get_engine, render_batch
 from markup2image.data.renderers.base import place_top_left_with_offset
+from markup2image.data.renderers.molecules_rdkit import smiles_atom_chars
+from markup2image.data.renderers.tables_weasyprint import html_cell_chars
 from markup2image.io import write_jsonl
 
 MATH = Params().domain_config("math")
@@ -120,9 +122,9 @@ def test_smiles_atoms_pair_with_tokens_or_give_none() -> None:
     from rdkit import Chem
 
     smiles = "Clc1cc[nH]c1Br"
-    spans = L.smiles_atom_chars(smiles, Chem.MolFromSmiles(smiles))
+    spans = smiles_atom_chars(smiles, Chem.MolFromSmiles(smiles))
     assert [smiles[a:b] for a, b in spans] == ["Cl", "c", "c", "c", "[nH]", "c", "Br"]
-    assert L.smiles_atom_chars("[H]OC", Chem.MolFromSmiles("[H]OC")) is None  # sanitizing drops the [H] atom
+    assert smiles_atom_chars("[H]OC", Chem.MolFromSmiles("[H]OC")) is None  # sanitizing drops the [H] atom
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -143,7 +145,7 @@ def test_cell_boxes_hold_their_cells_text() -> None:
 
 def test_html_cells_close_implicitly_and_nest() -> None:
     markup = "<table><tr><td>a<td>b</tr><tr><th>c</th><td><table><tr><td>d</td></tr></table></td></tr></table>"
-    cells = [markup[a:b] for a, b in L.html_cell_chars(markup)]
+    cells = [markup[a:b] for a, b in html_cell_chars(markup)]
     assert cells == ["<td>a", "<td>b", "<th>c</th>", "<td><table><tr><td>d</td></tr></table></td>", "<td>d</td>"]
 
 

@@ -6,7 +6,7 @@ Layout (written by the render and tokenize stages):
 (:func:`markup2image.data.layouts.load_layouts`) and ``<tokenized>/tokenizer.json``.
 
 Layouts (HCMA, design §8): each box names its markup segment by characters; the tokenizer's character offsets map
-it onto the item's token ids (:func:`markup2image.models.hcma.item_layout`). An item without a layout, or whose
+it onto the item's token ids (:func:`markup2image.data.layout_tensors.item_layout`). An item without a layout, or whose
 stored ids are not what the tokenizer gives for its markup (then the offsets would not belong to those ids), gets
 no boxes.
 """

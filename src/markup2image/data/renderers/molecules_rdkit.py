@@ -4,16 +4,26 @@ Every molecule is drawn at ONE scale (``BOND_LENGTH_PX`` pixels per bond), so im
 it does on paper. RDKit shrinks a drawing that does not fit its canvas; that shrinking is detected from the drawn
 bond lengths and rejected as ``overflow`` (never a silently smaller molecule). The drawing is cropped to its ink and
 placed top-left on the RGB canvas like every other domain.
+
+Layout boxes (the format: :mod:`markup2image.data.layouts`): one box per atom. The SMILES is split into tokens
+(Schwaller et al.'s regex); RDKit numbers atoms in the order they appear, so atom ``i`` is the ``i``-th atom token.
+Labelled atoms (heteroatoms, charged or isotopic ones) get the extent of their label, read from the ``atom-i`` paths
+of an SVG drawing made with the same drawer settings (same coordinates as the Cairo drawing); every atom also gets a
+square of half-side ``0.3 x bond length`` around ``MolDraw2D.GetDrawCoords(i)``. A SMILES whose atom tokens do not
+match RDKit's atoms one to one (explicit ``[H]`` removed by sanitization) gets no layout.
 """
 
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from markup2image.config import DomainConfig
-from markup2image.data.layouts import molecule_boxes, svg_atom_label_extents
+from markup2image.data.layouts import XYXY, LayoutBox, make_box, nonempty
 from markup2image.data.renderers.base import (
     MARGIN,
     RenderError,
@@ -105,3 +115,67 @@ class RdkitEngine(SingleItemEngine):
             b = drawer.GetDrawCoords(bond.GetEndAtomIdx())  # type: ignore[attr-defined]
             lengths.append(math.hypot(a.x - b.x, a.y - b.y))
         return float(np.median(lengths)) if lengths else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# layout boxes
+
+
+ATOM_BOX_HALF_BONDS = 0.3  # half-side of the square around an atom centre, in bond lengths
+
+# Schwaller et al.'s SMILES tokens; the first group is the atoms
+_ATOMS = r"\[[^\]]+]|Br?|Cl?|N|O|S|P|F|I|b|c|n|o|s|p|\*"
+_SMILES_TOKEN = re.compile(rf"({_ATOMS}|\(|\)|\.|=|#|-|\+|\\|/|:|~|@|\?|>|\$|%\d{{2}}|\d)")
+_ATOM_TOKEN = re.compile(rf"^({_ATOMS})$")
+
+
+def smiles_atom_chars(smiles: str, mol: Any) -> list[tuple[int, int]] | None:
+    """Character range of each atom's token, indexed like ``mol``'s atoms; None where they do not pair up."""
+    spans = [(m.start(), m.end()) for m in _SMILES_TOKEN.finditer(smiles) if _ATOM_TOKEN.match(m.group())]
+    if len(spans) != mol.GetNumAtoms():
+        return None
+    for (c0, c1), atom in zip(spans, mol.GetAtoms(), strict=True):
+        tok = smiles[c0:c1]
+        bracket = re.match(r"\[\d*([A-Z][a-z]?|[a-z][a-z]?|\*)", tok)
+        symbol = bracket.group(1) if bracket else tok
+        if symbol.capitalize() != atom.GetSymbol():
+            return None
+    return spans
+
+
+def svg_atom_label_extents(svg: str) -> dict[int, XYXY]:
+    """Extent of each atom's label in an RDKit SVG (paths of class ``atom-i``; control points bound the curves)."""
+    extents: dict[int, XYXY] = {}
+    for m in re.finditer(r"<path class='atom-(\d+)' d='([^']*)'", svg):
+        nums = [float(v) for v in re.findall(r"-?\d+(?:\.\d+)?", m.group(2))]
+        if len(nums) < 2:
+            continue
+        xs, ys = nums[0::2], nums[1::2]
+        i = int(m.group(1))
+        old = extents.get(i, (math.inf, math.inf, -math.inf, -math.inf))
+        extents[i] = (min(old[0], *xs), min(old[1], *ys), max(old[2], *xs), max(old[3], *ys))
+    return extents
+
+
+def molecule_boxes(
+    smiles: str,
+    mol: Any,
+    centres: Sequence[tuple[float, float]],
+    labels: dict[int, XYXY],
+    bond_px: float,
+    offset: tuple[int, int],
+    size: tuple[int, int],
+) -> list[LayoutBox] | None:
+    """One box per atom (drawing coordinates -> placed image); None when atoms and SMILES tokens do not pair up."""
+    spans = smiles_atom_chars(smiles, mol)
+    if spans is None:
+        return None
+    half = ATOM_BOX_HALF_BONDS * bond_px
+    boxes = []
+    for i, ((cx, cy), (c0, c1)) in enumerate(zip(centres, spans, strict=True)):
+        x0, y0, x1, y1 = cx - half, cy - half, cx + half, cy + half
+        if i in labels:
+            lx0, ly0, lx1, ly1 = labels[i]
+            x0, y0, x1, y1 = min(x0, lx0), min(y0, ly0), max(x1, lx1), max(y1, ly1)
+        boxes.append(make_box(smiles, (x0, y0, x1, y1), c0, c1, offset=offset, size=size))
+    return nonempty(boxes)

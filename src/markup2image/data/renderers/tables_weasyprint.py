@@ -5,6 +5,11 @@ do not line up with its items is rendered item by item. Presentation is fixed he
 at ``cfg.font_size`` CSS px (default 6 px for the 64x64 canvas) with HTML presentational hints on (``border``,
 ``cellpadding``, ``align``), rendered at 96 dpi so one CSS px is one pixel. Markup whose tags do not balance is a
 ``parse_error`` (browsers would guess; a gold image must not depend on guessing). No external resource is fetched.
+
+Layout boxes (the format: :mod:`markup2image.data.layouts`): one box per ``<td>``/``<th>``: the border box of the
+``k``-th table cell of the page's layout tree is paired with the ``k``-th cell start tag of the markup (both in
+document order); the segment runs from ``<td`` to its ``</td>`` (or to the tag that closes it implicitly). A count
+mismatch gives no layout.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from markup2image.config import DomainConfig
-from markup2image.data.layouts import table_boxes, weasyprint_cell_boxes
+from markup2image.data.layouts import XYXY, LayoutBox, make_box, nonempty
 from markup2image.data.renderers.base import RenderError, RenderResult, place_top_left_with_offset
 from markup2image.data.renderers.tools import BatchOutcome, bisect_batches
 
@@ -188,3 +193,80 @@ class WeasyprintEngine:
             return results, []
         finally:
             doc.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# layout boxes
+
+
+class _CellFinder(HTMLParser):
+    """Start/end offsets of every ``<td>``/``<th>`` in document order, nested tables included."""
+
+    def __init__(self, markup: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.markup = markup
+        self.line_starts = [0] + [m.end() for m in re.finditer("\n", markup)]
+        self.cells: list[list[int]] = []  # [start, end]; end -1 while open
+        self.stack: list[int] = []  # open tables (-1) and cells (their index)
+
+    def _pos(self) -> int:
+        line, col = self.getpos()
+        return self.line_starts[line - 1] + col
+
+    def _close_cell(self, end: int) -> None:
+        if self.stack and self.stack[-1] >= 0:  # the innermost open thing is a cell
+            self.cells[self.stack.pop()][1] = end
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in ("td", "th", "tr", "thead", "tbody", "tfoot"):
+            self._close_cell(self._pos())  # a new cell or row closes an open cell implicitly
+        if tag in ("td", "th"):
+            self.stack.append(len(self.cells))
+            self.cells.append([self._pos(), -1])
+        elif tag == "table":
+            self.stack.append(-1)
+
+    def handle_endtag(self, tag: str) -> None:
+        pos = self._pos()
+        if tag in ("td", "th"):
+            self._close_cell(self.markup.find(">", pos) + 1 or len(self.markup))
+        elif tag in ("tr", "thead", "tbody", "tfoot", "table"):
+            self._close_cell(pos)
+            if tag == "table" and self.stack and self.stack[-1] == -1:
+                self.stack.pop()
+
+
+def html_cell_chars(markup: str) -> list[tuple[int, int]]:
+    """Character range of each ``<td>``/``<th>`` element in document order (implicitly closed cells end where the
+    next cell, row or table tag starts)."""
+    finder = _CellFinder(markup)
+    finder.feed(markup)
+    finder.close()
+    return [(a, b if b >= 0 else len(markup)) for a, b in finder.cells]
+
+
+def weasyprint_cell_boxes(page_box: Any, scale: float) -> list[XYXY]:
+    """Border boxes of the table cells of one WeasyPrint page, document order, in pixels (``scale`` px per CSS px)."""
+    from weasyprint.formatting_structure.boxes import TableCellBox
+
+    out: list[XYXY] = []
+    stack = [page_box]
+    while stack:
+        b = stack.pop()
+        if isinstance(b, TableCellBox) and getattr(b, "element_tag", None) in ("td", "th"):
+            x, y = b.border_box_x(), b.border_box_y()
+            out.append((x * scale, y * scale, (x + b.border_width()) * scale, (y + b.border_height()) * scale))
+        stack.extend(reversed(getattr(b, "children", None) or []))
+    return out
+
+
+def table_boxes(
+    markup: str, cells: Sequence[XYXY], offset: tuple[int, int], size: tuple[int, int]
+) -> list[LayoutBox] | None:
+    """One box per cell; None when the page's cells and the markup's cells do not pair up."""
+    spans = html_cell_chars(markup)
+    if len(spans) != len(cells):
+        return None
+    return nonempty(
+        make_box(markup, xyxy, c0, c1, offset=offset, size=size) for xyxy, (c0, c1) in zip(cells, spans, strict=True)
+    )
