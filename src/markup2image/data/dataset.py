@@ -122,7 +122,7 @@ class MarkupImageDataset(torch.utils.data.Dataset):
 
 def collate(items: list[tuple], pad_id: int = 0) -> dict[str, Any]:
     """Stack images; pad token ids to the longest item; mask ``[B, N]``; items with a layout (4-tuples) also give
-    ``layout``, a :class:`~markup2image.models.hcma.LayoutBatch` over the same ``N`` positions."""
+    ``layout``, a :class:`~markup2image.data.layout_tensors.LayoutBatch` over the same ``N`` positions."""
     images = torch.stack([it[0] for it in items])
     n = max(len(it[1]) for it in items)
     ids = torch.full((len(items), n), pad_id, dtype=torch.long)
