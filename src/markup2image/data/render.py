@@ -88,8 +88,37 @@ CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 # (id, markup, gold path or "") — what a worker gets
 Item = tuple[str, str, str]
-# ("ok", id, gold: bool, layout boxes: int) | ("reject", id, reason, detail) | ("done",)
-Message = tuple[Any, ...]
+
+
+# the messages from a batch's driver (a worker process or inline) to the scheduler: one per item, then one per batch
+@dataclass(frozen=True)
+class Rendered:
+    id: str
+    gold: bool  # copied from the hub's gold image, not rendered
+    boxes: int  # layout boxes written (0: no layout)
+
+
+@dataclass(frozen=True)
+class Rejected:
+    id: str
+    reason: str  # one of REJECT_REASONS
+    detail: str
+
+
+@dataclass(frozen=True)
+class BatchFailed:
+    """The batch's driver raised (the worker lives on); the scheduler decides whom to blame (:func:`_failed_batch`)."""
+
+    detail: str
+
+
+@dataclass(frozen=True)
+class BatchDone:
+    pass
+
+
+Message = Rendered | Rejected  # what the scheduler yields: one per item
+WorkerMessage = Rendered | Rejected | BatchFailed | BatchDone
 
 
 def watchdog_limit(engine: str, timeout: float, batch_size: int) -> float:
@@ -147,28 +176,28 @@ def _process_batch(job: _Job, items: list[Item]) -> Iterator[Message]:
             image = _gold_image(gold, job.cfg)
             _check_shape(image, job.cfg)
         except RenderError as exc:
-            yield ("reject", item_id, exc.reason, f"gold image {gold}: {exc.detail}")
+            yield Rejected(item_id, exc.reason, f"gold image {gold}: {exc.detail}")
             continue
         except Exception as exc:  # noqa: BLE001 - an unreadable gold file costs one item
-            yield ("reject", item_id, "crash", f"gold image {gold}: {type(exc).__name__}: {exc}")
+            yield Rejected(item_id, "crash", f"gold image {gold}: {type(exc).__name__}: {exc}")
             continue
         save_png(job.images_dir / f"{item_id}.png", image)
-        yield ("ok", item_id, True, write_layout(job.images_dir.parent, item_id, None))  # a gold image has none
+        yield Rendered(item_id, True, write_layout(job.images_dir.parent, item_id, None))  # a gold image has none
     for res in iter_render_batch(job.domain, to_render, job.cfg, job.timeout):
         if res.image is None:
-            yield ("reject", res.id, res.reason or "crash", res.detail)
+            yield Rejected(res.id, res.reason or "crash", res.detail)
             continue
         try:
             _check_shape(res.image, job.cfg)
         except RenderError as exc:
-            yield ("reject", res.id, exc.reason, exc.detail)
+            yield Rejected(res.id, exc.reason, exc.detail)
             continue
         save_png(job.images_dir / f"{res.id}.png", res.image)
-        yield ("ok", res.id, False, write_layout(job.images_dir.parent, res.id, res.layout))
+        yield Rendered(res.id, False, write_layout(job.images_dir.parent, res.id, res.layout))
 
 
 def _worker_main(conn: Connection, job: _Job) -> None:
-    """Child process: receive batches, send one message per item and ("done",) per batch, until None."""
+    """Child process: receive batches, send one message per item and :class:`BatchDone` per batch, until None."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and kills us
     while True:
         items = conn.recv()
@@ -178,8 +207,8 @@ def _worker_main(conn: Connection, job: _Job) -> None:
             for msg in _process_batch(job, items):
                 conn.send(msg)
         except Exception as exc:  # noqa: BLE001 - the parent decides whom to blame (_failed_batch)
-            conn.send(("error", f"{type(exc).__name__}: {exc}"[:500]))
-        conn.send(("done",))
+            conn.send(BatchFailed(f"{type(exc).__name__}: {exc}"[:500]))
+        conn.send(BatchDone())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -233,7 +262,7 @@ def _alarm(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def _failed_batch(batch: _Batch, reason: str, detail: str, queue: deque[_Batch], itemwise: bool) -> Message | None:
+def _failed_batch(batch: _Batch, reason: str, detail: str, queue: deque[_Batch], itemwise: bool) -> Rejected | None:
     """A batch whose worker died, hung or raised. An item-by-item engine was on the first unreported item: reject
     it and requeue the rest at the front. A batch engine draws its chunk in one call, so the culprit can be any
     unreported item: requeue the two halves (a batch of one item is that item's reject)."""
@@ -244,7 +273,7 @@ def _failed_batch(batch: _Batch, reason: str, detail: str, queue: deque[_Batch],
         first, *rest = left
         if rest:
             queue.appendleft(_Batch(rest))
-        return ("reject", first[0], reason, detail)
+        return Rejected(first[0], reason, detail)
     half = len(left) // 2
     queue.extendleft([_Batch(left[half:]), _Batch(left[:half])])  # extendleft reverses: the first half runs first
     return None
@@ -268,7 +297,7 @@ def _run_inline(job: _Job, queue: deque[_Batch], limit: float) -> Iterator[Messa
                 detail = f"{type(exc).__name__}: {exc}"[:500]
                 failed = _failed_batch(batch, "crash", detail, queue, job.itemwise)
             else:
-                batch.reported.add(msg[1])
+                batch.reported.add(msg.id)
                 yield msg
                 continue
             if failed:
@@ -298,17 +327,17 @@ def _run_pool(job: _Job, queue: deque[_Batch], ctx: Any, pool: list[_Worker], li
                 if w.conn in ready:
                     try:
                         while w.batch is not None and w.conn.poll():
-                            msg = w.conn.recv()
+                            msg: WorkerMessage = w.conn.recv()
                             w.deadline = time.monotonic() + limit
-                            if msg[0] == "done":
+                            if isinstance(msg, BatchDone):
                                 w.batch = None
-                            elif msg[0] == "error":  # the batch raised; the worker lives on
-                                failed = _failed_batch(w.batch, "crash", msg[1], queue, job.itemwise)
+                            elif isinstance(msg, BatchFailed):  # the batch raised; the worker lives on
+                                failed = _failed_batch(w.batch, "crash", msg.detail, queue, job.itemwise)
                                 w.batch.reported.update(it[0] for it in w.batch.items)  # the rest is requeued
                                 if failed:
                                     yield failed
                             else:
-                                w.batch.reported.add(msg[1])
+                                w.batch.reported.add(msg.id)
                                 yield msg
                         continue
                     except (EOFError, OSError):
@@ -514,11 +543,11 @@ def render_corpus(params: Params, domain: str, in_dir: Path, out_dir: Path, prog
         tqdm(total=len(pending), disable=not progress, desc=f"render {domain}", unit="item", mininterval=1.0) as bar,
     ):
         for msg in messages:
-            item_id = msg[1]
-            if msg[0] == "ok":
-                rec = {"id": item_id, "status": "rendered", "gold": msg[2], "boxes": msg[3]}
+            item_id = msg.id
+            if isinstance(msg, Rendered):
+                rec = {"id": item_id, "status": "rendered", "gold": msg.gold, "boxes": msg.boxes}
             else:
-                rec = {"id": item_id, "status": "rejected", "reason": msg[2], "detail": str(msg[3])[:500]}
+                rec = {"id": item_id, "status": "rejected", "reason": msg.reason, "detail": str(msg.detail)[:500]}
             rec["markup_hash"] = markup_hash(markups[item_id])
             journal.write(json.dumps(rec) + "\n")
             journal.flush()
