@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import markup2image
 from markup2image.config import Params
 from markup2image.diffusion.sampling import SAMPLERS, scheduler_config
 from markup2image.export.graphs import (
@@ -114,8 +115,6 @@ def versions() -> dict[str, str]:
     import diffusers
     import onnx
     import onnxruntime
-
-    import markup2image
 
     return {
         "markup2image": markup2image.__version__,
