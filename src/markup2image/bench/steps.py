@@ -52,6 +52,22 @@ def step_grid(
     return runs, skipped
 
 
+def _row(
+    sampler: str, n: int, preds: list, golds: list, names: list[str], seconds_per_image: float
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """One table row (the metrics of ``preds`` against ``golds``) and the blank page's scores on the same golds."""
+    scores = score_arrays(preds, golds, names)
+    row = {"sampler": sampler, "steps": n} | {
+        k: round(float(scores["summary"][k]), 4) for k in (*TABLE_METRICS, "psnr")
+    }  # fmt: skip
+    row["seconds_per_image"] = round(seconds_per_image, 4)
+    blank = {k: round(float(scores["blank_baseline"][k]), 4) for k in (*TABLE_METRICS, "psnr")}
+    log.info(
+        "%s %d steps: DTW %.2f (blank %.2f), %.3f s/image", sampler, n, row["dtw"], blank["dtw"], seconds_per_image
+    )
+    return row, blank
+
+
 def bench_steps(
     model_dir: str | Path,
     rendered_dir: str | Path,
@@ -89,35 +105,11 @@ def bench_steps(
     for sampler, n in runs:
         t0 = time.perf_counter()
         preds = sample_items(
-            model,
-            tok,
-            items,
-            sampler=sampler,
-            steps=n,
-            seed=cfg.seed,
-            batch_size=cfg.batch_size,
-            diffusion=diffusion,
-            guidance=guidance,
-            layouts=layouts,
-            desc=f"{sampler} x {n} steps",
-        )
-        seconds = time.perf_counter() - t0
-        scores = score_arrays(preds, golds, names)
-        summary = scores["summary"]
-        rows.append(
-            {"sampler": sampler, "steps": n}
-            | {k: round(float(summary[k]), 4) for k in (*TABLE_METRICS, "psnr")}
-            | {"seconds_per_image": round(seconds / len(items), 4)}
-        )
-        blank = {k: round(float(scores["blank_baseline"][k]), 4) for k in (*TABLE_METRICS, "psnr")}
-        log.info(
-            "%s %d steps: DTW %.2f (blank %.2f), %.3f s/image",
-            sampler,
-            n,
-            rows[-1]["dtw"],
-            blank["dtw"],
-            rows[-1]["seconds_per_image"],
-        )
+            model, tok, items, sampler=sampler, steps=n, seed=cfg.seed, batch_size=cfg.batch_size,
+            diffusion=diffusion, guidance=guidance, layouts=layouts, desc=f"{sampler} x {n} steps",
+        )  # fmt: skip
+        row, blank = _row(sampler, n, preds, golds, names, (time.perf_counter() - t0) / len(items))
+        rows.append(row)
     return {
         "model": str(model_dir),
         "rendered": str(rendered_dir),
