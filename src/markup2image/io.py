@@ -50,9 +50,16 @@ def write_json(path: str | Path, obj: Any, indent: int = 2) -> None:
         fh.write("\n")
 
 
-def read_json(path: str | Path) -> Any:
+def read_json(path: str | Path, fix: str = "") -> Any:
+    """The JSON in ``path``; with ``fix``, a file that is not JSON raises :class:`CorruptFileError` naming the file
+    and ``fix`` (what the user should do)."""
     with open(path) as fh:
-        return json.load(fh)
+        try:
+            return json.load(fh)
+        except json.JSONDecodeError as exc:
+            if not fix:
+                raise
+            raise CorruptFileError(f"{path}: not JSON ({exc}); {fix}") from exc
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:

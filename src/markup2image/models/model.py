@@ -30,7 +30,7 @@ from torch import nn
 
 from markup2image.config import DiffusionConfig, DomainConfig, HcmaConfig, ModelConfig, check_type
 from markup2image.data.layout_tensors import HcmaBatch
-from markup2image.io import CorruptFileError, atomic_open
+from markup2image.io import CorruptFileError, atomic_open, read_json
 from markup2image.models.encoder import PretrainedMarkupEncoder, TransformerMarkupEncoder
 from markup2image.models.fsa import FineGrainedSequenceAlignment
 from markup2image.models.hcma import HcmaModule, build_hcma, hcma_loss
@@ -303,10 +303,7 @@ def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> 
         raise FileNotFoundError(
             f"{folder}: no {MODEL_CONFIG}; point --model at a trained model folder (models/<domain>/model)"
         )
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CorruptFileError(f"{cfg_path}: not JSON ({exc}); copy the model folder again or retrain") from exc
+    cfg = read_json(cfg_path, fix="copy the model folder again or retrain")
     model = model_from_config(cfg)
     weights = folder / MODEL_WEIGHTS
     if not weights.exists():

@@ -8,9 +8,10 @@ the longest markup, library versions and a sha256 per file.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
+
+from markup2image.io import read_json
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -50,10 +51,7 @@ def load_manifest(folder: str | Path, verify: bool = False) -> dict[str, Any]:
         raise FileNotFoundError(
             f"{folder}: no {MANIFEST}{hint}; point --model at a folder written by the export stage (export/<domain>)"
         )
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not JSON ({exc}); copy the exported folder again or re-export") from exc
+    manifest = read_json(path, fix="copy the exported folder again or re-export")
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {manifest['format_version']} is newer than this runtime reads")
     for rel, rec in manifest.get("files", {}).items():
