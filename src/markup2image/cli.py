@@ -229,12 +229,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # -- parser ---------------------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="markup2image", description=__doc__)
-    p.add_argument("--params", default="params.yaml", help="params file (defaults apply if it does not exist)")
-    p.add_argument("-v", "--verbose", action="store_true")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _add_render(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("render", help="render markup with the domain's real renderer (one item or a file of them)")
     r.add_argument("--domain", required=True, choices=DOMAINS)
     r.add_argument("--markup")
@@ -245,12 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--engine", help="override the domain's engine (math: mathtext | latex)")
     r.set_defaults(fn=cmd_render)
 
+
+def _add_score(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("score", help="score same-named images of two folders (design §6 protocol)")
     s.add_argument("--pred", required=True, type=Path)
     s.add_argument("--gold", required=True, type=Path)
     s.add_argument("--out", type=Path, help="JSON file (default: stdout)")
     s.set_defaults(fn=cmd_score)
 
+
+def _add_sample(sub: argparse._SubParsersAction) -> None:
     sm = sub.add_parser("sample", help="generate the image of markup with a trained model")
     sm.add_argument("--model", required=True, type=Path)
     sm.add_argument("--markup", action="append", help="repeat for a batch")
@@ -275,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--boxes-out", type=Path, help="with --layout: also write the sample with its boxes drawn")
     sm.set_defaults(fn=cmd_sample)
 
+
+def _add_summary(sub: argparse._SubParsersAction) -> None:
     su = sub.add_parser("summary", help="parameter count per module for the current params (JSON)")
     su.add_argument("--domain")
     su.add_argument("--vocab-size", type=int, default=512)
@@ -288,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     su.add_argument("--table", action="store_true", help="markdown rows like for like with paper Table 1")
     su.set_defaults(fn=cmd_summary)
 
+
+def _add_recipe(sub: argparse._SubParsersAction) -> None:
     rc = sub.add_parser("recipe", help="paper recipes (configs/paper/<domain>.yaml) as dvc exp run -S overrides")
     rc.add_argument("recipes", nargs="+", type=Path, help="recipe files, e.g. configs/paper/*.yaml")
     rc.add_argument("--queue", action="store_true", help="run `dvc exp run --queue -S ...` for each recipe")
@@ -297,6 +300,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rc.set_defaults(fn=cmd_recipe)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="markup2image", description=__doc__)
+    p.add_argument("--params", default="params.yaml", help="params file (defaults apply if it does not exist)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_render(sub)
+    _add_score(sub)
+    _add_sample(sub)
+    _add_summary(sub)
+    _add_recipe(sub)
     b = sub.add_parser("bench", help="benchmarks, JSON out: markup2image bench NAME --help for one bench's flags")
     bench.add_parsers(b)
     b.set_defaults(fn=cmd_bench)
