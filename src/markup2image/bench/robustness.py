@@ -80,6 +80,35 @@ def trace_violations(trace: Path, scratch: Path) -> tuple[list[str], list[str]]:
     return outside, sockets
 
 
+def _run_render_stage(
+    domain: str, scratch: Path, tmp: Path, trace_file: Path | None, limit_s: float
+) -> tuple[int | None, str, bool]:
+    """``python -m markup2image.data.render`` on ``scratch/raw`` -> ``scratch/rendered`` with HOME, TMPDIR and the
+    caches inside ``scratch`` (under ``strace -f`` into ``trace_file`` when given): (exit code, stderr, hung)."""
+    env = dict(os.environ, HOME=str(scratch), TMPDIR=str(tmp), XDG_CACHE_HOME=str(scratch / "cache"))
+    env.update(MPLCONFIGDIR=str(scratch / "mpl"), PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "markup2image.data.render", "--domain", domain, "--params", "params.yaml"]
+    cmd += ["--raw", str(scratch / "raw"), "--out", str(scratch / "rendered")]
+    if trace_file is not None:
+        cmd = ["strace", "-f", "-qq", "-e", "trace=%file,%network", "-o", str(trace_file), *cmd]
+    try:
+        proc = subprocess.run(cmd, cwd=scratch, env=env, capture_output=True, text=True, timeout=limit_s)
+        return proc.returncode, proc.stderr, False
+    except subprocess.TimeoutExpired as exc:
+        stderr = exc.stderr.decode("utf-8", "replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        return None, stderr, True
+
+
+def _outcomes(rendered: list[str], rejects: list[dict[str, Any]]) -> tuple[dict[str, str], int]:
+    """Each id's outcome ("rendered" or its reject reason) and how many ids were reported more than once."""
+    outcome: dict[str, str] = {}
+    duplicated = 0
+    for item_id, status in [(i, "rendered") for i in rendered] + [(r["id"], r["reason"]) for r in rejects]:
+        duplicated += item_id in outcome
+        outcome[item_id] = status
+    return outcome, duplicated
+
+
 def run_domain(
     domain: str, params: Params, n: int, work: Path, seed: int = 0, trace: bool = False, stage_limit_s: float = 3600
 ) -> dict[str, Any]:
@@ -97,30 +126,14 @@ def run_domain(
     write_jsonl(raw / "test.jsonl", [])
     (scratch / "params.yaml").write_text(yaml.safe_dump(_params_dict(params, domain)))
 
-    env = dict(os.environ, HOME=str(scratch), TMPDIR=str(tmp), XDG_CACHE_HOME=str(scratch / "cache"))
-    env.update(MPLCONFIGDIR=str(scratch / "mpl"), PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "markup2image.data.render", "--domain", domain, "--params", "params.yaml"]
-    cmd += ["--raw", str(raw), "--out", str(out)]
     trace_file = work / f"{domain}.strace"
-    if trace:
-        cmd = ["strace", "-f", "-qq", "-e", "trace=%file,%network", "-o", str(trace_file), *cmd]
     start = time.monotonic()
-    hung = False
-    try:
-        proc = subprocess.run(cmd, cwd=scratch, env=env, capture_output=True, text=True, timeout=stage_limit_s)
-        exit_code, stderr = proc.returncode, proc.stderr
-    except subprocess.TimeoutExpired as exc:
-        hung, exit_code = True, None
-        stderr = exc.stderr.decode("utf-8", "replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+    exit_code, stderr, hung = _run_render_stage(domain, scratch, tmp, trace_file if trace else None, stage_limit_s)
     seconds = time.monotonic() - start
 
     rendered = [r["id"] for r in read_jsonl(out / "train.jsonl")] if (out / "train.jsonl").exists() else []
     rejects = read_jsonl(out / "rejects.jsonl") if (out / "rejects.jsonl").exists() else []
-    outcome: dict[str, str] = {}
-    duplicated = 0
-    for item_id, status in [(i, "rendered") for i in rendered] + [(r["id"], r["reason"]) for r in rejects]:
-        duplicated += item_id in outcome
-        outcome[item_id] = status
+    outcome, duplicated = _outcomes(rendered, rejects)
     kinds: dict[str, Counter[str]] = defaultdict(Counter)
     for item_id, kind in kind_of.items():
         kinds[kind][outcome.get(item_id, "lost")] += 1
