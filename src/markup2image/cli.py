@@ -14,8 +14,7 @@ from pathlib import Path
 
 from markup2image import bench
 from markup2image.bench import emit
-from markup2image.config import DOMAINS
-from markup2image.runtime.schedulers import SAMPLERS
+from markup2image.modes import DOMAINS, SAMPLERS
 
 log = logging.getLogger("markup2image")
 

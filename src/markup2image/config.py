@@ -18,15 +18,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from markup2image.runtime.schedulers import SamplerName  # the torch-free runtime owns the sampler list
-
-# the modes, each once: everything that lists them (CLI choices, registries) derives from these
-Domain = Literal["math", "tables", "music", "molecules"]
-DOMAINS: tuple[str, ...] = get_args(Domain)
-ObjectiveName = Literal["ddpm", "ss_dm", "cdcd", "fsa_cdm"]
-OBJECTIVE_NAMES: tuple[str, ...] = get_args(ObjectiveName)
-TokenizerKind = Literal["bpe", "word", "char"]
-TOKENIZER_KINDS: tuple[str, ...] = get_args(TokenizerKind)
+from markup2image.modes import DOMAINS, ObjectiveName, SamplerName, TokenizerKind
 
 # params.yaml key -> dataclass field, for keys that are not valid Python names.
 _RENAMED = {"lambda": "lambda_"}

@@ -10,7 +10,7 @@ import torch
 from tiny_models import TINY_IMAGE, TINY_MODEL
 from torch import nn
 
-from markup2image.config import OBJECTIVE_NAMES, HcmaConfig, Params, TrainConfig
+from markup2image.config import HcmaConfig, Params, TrainConfig
 from markup2image.data.layout_tensors import HcmaBatch, LayoutBatch
 from markup2image.diffusion.losses import contrastive_diffusion_loss
 from markup2image.diffusion.objectives import (
@@ -25,6 +25,7 @@ from markup2image.diffusion.objectives import (
     ss_dm_loss,
 )
 from markup2image.models.model import MarkupToImageModel
+from markup2image.modes import OBJECTIVE_NAMES
 
 IMAGE, TINY = TINY_IMAGE, TINY_MODEL
 SCHED = noise_scheduler(Params().diffusion)

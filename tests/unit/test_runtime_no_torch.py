@@ -263,3 +263,12 @@ def test_runtime_refuses_a_graph_with_one_flipped_byte_by_default(fake_export: P
     (copy / "unet.onnx").write_bytes(bytes(data))
     report = _run_guarded(["--model", str(copy), "--markup", "x", "--out", str(tmp_path / "a.png")])
     assert report["code"] == 1 and "sha256 differs" in report["stderr"] and "Traceback" not in report["stderr"]
+
+
+def test_runtime_import_graph_stays_off_the_training_config() -> None:
+    """Importing the runtime CLI loads neither torch nor the typed config (nor PyYAML): its mode lists come from the
+    standard-library leaf ``markup2image.modes``."""
+    loaded = "sorted({'torch', 'markup2image.config', 'yaml'} & set(sys.modules))"
+    code = f"import sys, markup2image.runtime.__main__; print({loaded})"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"

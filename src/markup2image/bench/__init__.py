@@ -18,9 +18,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from markup2image.config import OBJECTIVE_NAMES
 from markup2image.io import write_json
-from markup2image.runtime.schedulers import SAMPLERS
+from markup2image.modes import OBJECTIVE_NAMES, SAMPLERS
 
 Flag = tuple[tuple[str, ...], dict[str, Any]]
 

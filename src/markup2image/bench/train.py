@@ -18,10 +18,11 @@ from typing import Any
 import torch
 
 from markup2image.bench.train_processes import bench_train_processes
-from markup2image.config import OBJECTIVE_NAMES, Params
+from markup2image.config import Params
 from markup2image.diffusion.objectives import TrainBatch, get_objective, noise_scheduler
 from markup2image.models.model import MarkupToImageModel
 from markup2image.models.summary import count_parameters, sized_model_config, with_switches
+from markup2image.modes import OBJECTIVE_NAMES
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,9 @@ from tqdm.auto import tqdm
 
 from markup2image.config import DiffusionConfig
 from markup2image.models.position import cross_attention_kv_cache
-from markup2image.runtime.schedulers import SAMPLERS, SamplerName, eta_for
+from markup2image.modes import SAMPLERS, SamplerName
 from markup2image.runtime.schedulers import check_steps as check_sampler_steps
+from markup2image.runtime.schedulers import eta_for
 
 __all__ = [
     "SAMPLERS",

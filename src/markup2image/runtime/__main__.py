@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from markup2image.io import save_png
+from markup2image.modes import SAMPLERS
 from markup2image.runtime.sampler import BACKENDS, ExportedModel
-from markup2image.runtime.schedulers import SAMPLERS
 
 
 def build_parser() -> argparse.ArgumentParser:

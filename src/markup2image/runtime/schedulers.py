@@ -16,12 +16,11 @@ one more per step, in step order.
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 
-SamplerName = Literal["ddpm", "ddim", "dpm_solver"]
-SAMPLERS: tuple[str, ...] = get_args(SamplerName)
+from markup2image.modes import SAMPLERS
 
 F32 = np.float32
 

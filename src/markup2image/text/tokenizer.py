@@ -11,13 +11,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from markup2image.config import TOKENIZER_KINDS, TokenizeConfig
 from markup2image.io import CorruptFileError, atomic_open, read_jsonl, write_json, write_jsonl
+from markup2image.modes import TOKENIZER_KINDS
+
+if TYPE_CHECKING:
+    from markup2image.config import TokenizeConfig
 
 log = logging.getLogger(__name__)
 
