@@ -175,41 +175,29 @@ def export_onnx(
     scratch = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", dir=path.parent))  # the exporter's own files land here
     tmp = scratch / path.name
     try:
+        if exporter == "dynamo":
+            dims = {
+                "batch": torch.export.Dim("batch", min=1),
+                "text_len": torch.export.Dim("text_len", min=1, max=max(max_text_length, 2)),
+            }
+            # positional, in input order: independent of the module's argument names
+            shapes = tuple({ax: dims[d] for ax, d in dynamic.get(n, {}).items()} or None for n in names)
+            options = dict(dynamo=True, dynamic_shapes=shapes, external_data=external, optimize=True)
+        elif exporter == "torchscript":
+            axes = {n: dict(a) for n, a in dynamic.items()} | {o: {0: "batch"} for o in output_names}
+            options = dict(dynamo=False, dynamic_axes=axes, do_constant_folding=True)
+        else:
+            raise ValueError(f"export.exporter: unknown exporter {exporter!r}; choose dynamo or torchscript")
         with torch.no_grad(), _mha_fastpath_disabled():
-            if exporter == "dynamo":
-                dims = {
-                    "batch": torch.export.Dim("batch", min=1),
-                    "text_len": torch.export.Dim("text_len", min=1, max=max(max_text_length, 2)),
-                }
-                # positional, in input order: independent of the module's argument names
-                shapes = tuple({ax: dims[d] for ax, d in dynamic.get(n, {}).items()} or None for n in names)
-                torch.onnx.export(
-                    module,
-                    args,
-                    str(tmp),
-                    dynamo=True,
-                    opset_version=opset,
-                    input_names=list(names),
-                    output_names=list(output_names),
-                    dynamic_shapes=shapes,
-                    external_data=external,
-                    optimize=True,
-                )
-            elif exporter == "torchscript":
-                axes = {n: dict(a) for n, a in dynamic.items()} | {o: {0: "batch"} for o in output_names}
-                torch.onnx.export(
-                    module,
-                    args,
-                    str(tmp),
-                    dynamo=False,
-                    opset_version=opset,
-                    input_names=list(names),
-                    output_names=list(output_names),
-                    dynamic_axes=axes,
-                    do_constant_folding=True,
-                )
-            else:
-                raise ValueError(f"export.exporter: unknown exporter {exporter!r}; choose dynamo or torchscript")
+            torch.onnx.export(
+                module,
+                args,
+                str(tmp),
+                opset_version=opset,
+                input_names=list(names),
+                output_names=list(output_names),
+                **options,
+            )
         if external:  # one <name>.onnx.data beside the graph, whatever pieces the exporter wrote
             import onnx
 
