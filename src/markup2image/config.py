@@ -98,6 +98,9 @@ class ModelConfig:
 
     block_out_channels: tuple[int, ...] = (32, 64, 64)
     cross_attention_levels: tuple[bool, ...] = (False, True, True)
+    # > 1: the U-Net sees p x p pixel patches as channels (space-to-depth in, depth-to-space out; Hoogeboom et al.
+    # 2023, "simple diffusion"), so its first level runs at H/p x W/p; must divide the image height and width
+    patch_size: int = 1
     layers_per_block: int = 1
     attention_head_dim: int = 8
     norm_num_groups: int = 8
@@ -129,7 +132,9 @@ class DiffusionConfig:
     num_train_timesteps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
-    beta_schedule: Literal["linear"] = "linear"
+    # linear: DDPM's betas (the paper protocol) | squaredcos_cap_v2: Nichol & Dhariwal's cosine alpha_bar, which
+    # spends fewer steps at near-pure noise on small images (docs/decisions.md §1) | scaled_linear: latent models'
+    beta_schedule: Literal["linear", "squaredcos_cap_v2", "scaled_linear"] = "linear"
     # what the U-Net predicts (the model turns it into a noise prediction; models/parameterization.py) and the loss
     # weighting: snr_gamma 0 trains each parameterisation in its own space (MSE on eps, v or y0), > 0 uses
     # min-SNR-gamma weights (Hang et al. 2023) on the y0 error: min(SNR, gamma) ||y0 - y0_hat||^2.
@@ -382,6 +387,15 @@ def validate(p: Params) -> None:
             "model.cross_attention_levels: needs one entry per model.block_out_channels level "
             f"({len(m.block_out_channels)}), got {len(m.cross_attention_levels)}"
         )
+    if m.patch_size < 1:
+        raise ConfigError(f"model.patch_size: must be at least 1, got {m.patch_size}")
+    for d in p.domains:
+        dc = p.domain_config(d)
+        if dc.height % m.patch_size or dc.width % m.patch_size:
+            raise ConfigError(
+                f"model.patch_size: {m.patch_size} does not divide domain.{d}'s {dc.height}x{dc.width} image; "
+                "choose a divisor of both sides"
+            )
     for c in m.block_out_channels:
         if c % m.norm_num_groups:
             raise ConfigError(f"model.block_out_channels: {c} is not divisible by model.norm_num_groups")

@@ -209,3 +209,11 @@ def test_fsa_cdm_parts_need_the_fsa_cdm_objective(switch):
     assert "fsa_cdm" in msg
     raw["train"] |= {"objective": "fsa_cdm", "batch_size": 8, "num_negatives": 2}
     assert getattr(params_from_dict(raw).model, switch)
+
+
+@pytest.mark.parametrize("patch", [0, 5])
+def test_patch_size_must_be_positive_and_divide_every_domain_image(patch):
+    raw = _raw()
+    raw["model"] = {**raw["model"], "patch_size": patch}
+    msg = _fails(raw, "model.patch_size")
+    assert ("at least 1" in msg) if patch == 0 else ("does not divide" in msg and "divisor" in msg)

@@ -21,7 +21,7 @@ from markup2image.models.fsa import FineGrainedSequenceAlignment
 from markup2image.models.model import MarkupToImageModel, load_model
 from markup2image.models.position import PositionalAttnProcessor
 from markup2image.models.summary import count_parameters, parameter_summary, sized_model_config, with_switches
-from markup2image.models.unet_parts import ccam_sites, level_size, transformer_sites
+from markup2image.models.unet_parts import ccam_sites, level_size, patched_image, transformer_sites
 
 IMAGE, TINY = TINY_IMAGE, TINY_MODEL
 
@@ -369,6 +369,53 @@ def test_unet_with_ccam_exports_to_onnx(tmp_path, query):
     with torch.no_grad():
         want = model.denoise(x, t, hidden, mask).numpy()
     assert np.abs(got - want).max() <= 1e-4
+
+
+def test_patched_unet_runs_its_first_level_at_h_over_p_and_exports(tmp_path):
+    """``model.patch_size`` 2: the U-Net's attention runs on the 4x8 grid of 2x2 patches, takes and returns
+    ``[B, 1, 8, 16]``, every output pixel depends on its own patch, and the ONNX graph computes the same eps."""
+    model = _model(patch_size=2, ccam=True)
+    grid = patched_image(IMAGE, 2)
+    assert (grid.height, grid.width, grid.channels) == (4, 8, 4)
+    sizes = {}
+    hooks = [
+        s.block.register_forward_pre_hook(lambda _m, a, s=s: sizes.__setitem__(s.name, a[0].shape[1]))
+        for s in transformer_sites(model.unet, grid)
+    ]
+    x, t, hidden, mask = _inputs()
+    with torch.no_grad():
+        eps = model.denoise(x, t, hidden, mask)
+    for h in hooks:
+        h.remove()
+    assert eps.shape == x.shape
+    assert sizes and all(sizes[s.name] == s.height * s.width for s in transformer_sites(model.unet, grid))
+    assert max(sizes.values()) == 4 * 8  # level 0 is the patch grid, not the 8x16 image
+    # pixel (i, j) of the input reaches output pixel (i, j): the shuffles are each other's inverse
+    probe = x.clone().requires_grad_(True)
+    model.denoise(probe, t, hidden, mask)[0, 0, 5, 11].backward()
+    assert probe.grad[0, 0, 5, 11] != 0
+    path = tmp_path / "unet.onnx"
+    _export_denoiser(model, _inputs(b=2, n=6), path)
+    if importlib.util.find_spec("onnxruntime") is None:
+        pytest.skip("onnxruntime not installed: export checked, parity not")
+    import onnxruntime as ort
+
+    x, t, hidden, mask = _inputs(b=3, n=9, seed=1)
+    feeds = {
+        "sample": x.numpy(),
+        "timestep": t.numpy(),
+        "encoder_hidden_states": hidden.numpy(),
+        "encoder_attention_mask": mask.numpy(),
+    }
+    (got,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+    with torch.no_grad():
+        assert np.abs(got - model.denoise(x, t, hidden, mask).numpy()).max() <= 1e-4
+
+
+def test_patch_size_must_divide_the_image():
+    with pytest.raises(ValueError, match="does not divide the 8x16 image"):
+        patched_image(IMAGE, 3)
+    assert patched_image(IMAGE, 1) is IMAGE
 
 
 def test_attention_bias_shapes():

@@ -10,8 +10,9 @@ from diffusers import DDIMScheduler
 from markup2image.config import DiffusionConfig
 from markup2image.diffusion.sampling import make_scheduler, scheduler_config
 from markup2image.diffusion.sampling import to_uint8 as torch_to_uint8
+from markup2image.models.parameterization import alphas_cumprod as model_alphas
 from markup2image.runtime.sampler import to_uint8 as numpy_to_uint8
-from markup2image.runtime.schedulers import alphas_cumprod, check_steps, linear_betas, make_stepper
+from markup2image.runtime.schedulers import alphas_cumprod, check_steps, cosine_betas, linear_betas, make_stepper
 
 CFG = DiffusionConfig()
 SHAPE = (2, 1, 8, 12)
@@ -29,6 +30,24 @@ def test_noise_schedule_is_diffusers_bit_for_bit() -> None:
     np.testing.assert_array_equal(linear_betas(1e-4, 0.02, 1000), sched.betas.numpy())
     other = DiffusionConfig(num_train_timesteps=37, beta_start=3e-4, beta_end=0.03)
     np.testing.assert_array_equal(linear_betas(3e-4, 0.03, 37), make_scheduler("ddim", other).betas.numpy())
+
+
+@pytest.mark.parametrize("schedule", ["squaredcos_cap_v2", "scaled_linear"])
+def test_other_schedules_are_diffusers_bit_for_bit(schedule: str) -> None:
+    cfg = DiffusionConfig(beta_schedule=schedule)  # type: ignore[arg-type]
+    want = make_scheduler("ddim", cfg).alphas_cumprod.numpy()
+    np.testing.assert_array_equal(alphas_cumprod(scheduler_config(cfg)), want)
+    assert not np.array_equal(want, make_scheduler("ddim", CFG).alphas_cumprod.numpy())  # not linear in disguise
+    np.testing.assert_array_equal(
+        cosine_betas(1000), make_scheduler("ddim", DiffusionConfig(beta_schedule="squaredcos_cap_v2")).betas.numpy()
+    )
+
+
+def test_model_conversion_follows_the_schedule() -> None:
+    """The U-Net's v -> eps conversion reads the same alpha_bar as training and the samplers, for every schedule."""
+    for schedule in ("linear", "squaredcos_cap_v2"):
+        cfg = DiffusionConfig(beta_schedule=schedule, prediction_type="v_prediction")  # type: ignore[arg-type]
+        torch.testing.assert_close(model_alphas(cfg), make_scheduler("ddim", cfg).alphas_cumprod, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(("sampler", "steps"), [("ddim", 10), ("ddim", 1), ("ddim", 7), ("ddpm", 1000)])

@@ -15,17 +15,18 @@ is :func:`markup2image.diffusion.losses.prediction_loss_weights`.
 from __future__ import annotations
 
 import torch
+from diffusers import DDPMScheduler
 from torch import nn
 
 from markup2image.config import DiffusionConfig
+from markup2image.diffusion.sampling import scheduler_config
 
 __all__ = ["EpsilonFromPrediction", "alphas_cumprod"]
 
 
 def alphas_cumprod(cfg: DiffusionConfig) -> torch.Tensor:
-    """``alpha_bar_t [T]`` (float32) of the ``linear`` schedule, exactly as diffusers' schedulers compute it."""
-    betas = torch.linspace(cfg.beta_start, cfg.beta_end, cfg.num_train_timesteps, dtype=torch.float32)
-    return torch.cumprod(1.0 - betas, dim=0)
+    """``alpha_bar_t [T]`` (float32) of ``cfg.beta_schedule``, as diffusers' schedulers compute it (their own copy)."""
+    return DDPMScheduler(**scheduler_config(cfg)).alphas_cumprod.clone()
 
 
 class EpsilonFromPrediction(nn.Module):

@@ -27,7 +27,7 @@ import torch
 from markup2image.config import ModelConfig, Params
 from markup2image.models.ccam import ContextAwareCrossAttention
 from markup2image.models.model import MarkupToImageModel
-from markup2image.models.unet_parts import transformer_sites
+from markup2image.models.unet_parts import patched_image, transformer_sites
 
 ModelSize = Literal["tiny", "params", "paper"]
 MODEL_SIZES: tuple[str, ...] = ("tiny", "params", "paper")
@@ -153,7 +153,8 @@ def attention_layout(params: Params, domain: str, size: str = "params") -> dict:
     sizes and head counts (diffusers' ``attention_head_dim`` is the head count of ``UNet2DConditionModel``)."""
 
     model = _meta_model(params, domain, 512, size)
-    sites = [s for s in transformer_sites(model.unet, model.image) if s.block.attn2 is not None]
+    grid = patched_image(model.image, model.model_cfg.patch_size)
+    sites = [s for s in transformer_sites(model.unet, grid) if s.block.attn2 is not None]
     rows = []
     for site in sites:
         processor = type(site.block.attn2.processor).__name__

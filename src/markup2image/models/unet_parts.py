@@ -10,12 +10,14 @@ stride-2, padding-1 downsampling); up block ``j`` runs at level ``L - 1 - j``; t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
 
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock
+from torch import nn
 
 from markup2image.config import DomainConfig, ModelConfig
 from markup2image.models.ccam import ContextAwareCrossAttention
@@ -99,20 +101,38 @@ def install_attention_processors(unet: UNet2DConditionModel, cfg: ModelConfig, i
         sinusoidal_init_(unet)
 
 
+def patched_image(image: DomainConfig, patch_size: int) -> DomainConfig:
+    """The geometry the U-Net's first level sees: ``H/p x W/p`` with ``C p^2`` channels (``p = 1``: ``image``)."""
+    if patch_size == 1:
+        return image
+    if image.height % patch_size or image.width % patch_size:
+        raise ValueError(f"model.patch_size: {patch_size} does not divide the {image.height}x{image.width} image")
+    return dataclasses.replace(
+        image,
+        height=image.height // patch_size,
+        width=image.width // patch_size,
+        channels=image.channels * patch_size**2,
+    )
+
+
 def build_unet(cfg: ModelConfig, image: DomainConfig) -> UNet2DConditionModel:
     """The diffusers U-Net; cross-attention only at levels where ``cfg.cross_attention_levels`` is true.
 
-    ``cfg.attention_head_dim`` is diffusers' (misnamed) head *count*, as in SS-DM (8 heads).
+    ``cfg.attention_head_dim`` is diffusers' (misnamed) head *count*, as in SS-DM (8 heads). With
+    ``cfg.patch_size`` p > 1 the U-Net is built for the ``C p^2``-channel ``H/p x W/p`` grid and its ``conv_in`` /
+    ``conv_out`` are wrapped in ``PixelUnshuffle(p)`` / ``PixelShuffle(p)``: it still takes and returns
+    ``[B, C, H, W]`` (and exports so), and :func:`transformer_sites` needs the patched geometry (``unet_image``).
     """
     levels = cfg.cross_attention_levels
     if len(levels) != len(cfg.block_out_channels):
         raise ValueError("model.cross_attention_levels: needs one entry per model.block_out_channels level")
     down = tuple("CrossAttnDownBlock2D" if c else "DownBlock2D" for c in levels)
     up = tuple("CrossAttnUpBlock2D" if c else "UpBlock2D" for c in reversed(levels))
+    grid = patched_image(image, cfg.patch_size)
     unet = UNet2DConditionModel(
-        sample_size=(image.height, image.width),
-        in_channels=image.channels,
-        out_channels=image.channels,
+        sample_size=(grid.height, grid.width),
+        in_channels=grid.channels,
+        out_channels=grid.channels,
         down_block_types=down,
         up_block_types=up,
         block_out_channels=tuple(cfg.block_out_channels),
@@ -121,5 +141,8 @@ def build_unet(cfg: ModelConfig, image: DomainConfig) -> UNet2DConditionModel:
         norm_num_groups=cfg.norm_num_groups,
         cross_attention_dim=cfg.encoder_dim,
     )
-    install_attention_processors(unet, cfg, image)
+    if cfg.patch_size > 1:
+        unet.conv_in = nn.Sequential(nn.PixelUnshuffle(cfg.patch_size), unet.conv_in)
+        unet.conv_out = nn.Sequential(unet.conv_out, nn.PixelShuffle(cfg.patch_size))
+    install_attention_processors(unet, cfg, grid)
     return unet

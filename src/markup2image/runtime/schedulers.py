@@ -16,6 +16,7 @@ one more per step, in step order.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,18 @@ def linear_betas(beta_start: float, beta_end: float, num_train_timesteps: int) -
     return np.where(i < n // 2, first, second).astype(F32)
 
 
+def cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
+    """``[T]`` float32 betas of diffusers' ``squaredcos_cap_v2`` (``betas_for_alpha_bar``, Nichol & Dhariwal 2021):
+    ``beta_i = min(1 - f((i + 1) / T) / f(i / T), 0.999)`` with ``f(t) = cos((t + 0.008) / 1.008 * pi / 2) ** 2``,
+    in Python floats, then rounded to float32 once, as diffusers does."""
+
+    def f(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    n = num_train_timesteps
+    return np.array([min(1 - f((i + 1) / n) / f(i / n), max_beta) for i in range(n)], dtype=F32)
+
+
 def alphas_cumprod(scheduler_config: dict[str, Any]) -> np.ndarray:
     """``ᾱ_t`` for ``t = 0..T-1`` as diffusers holds it: ``[T]`` float32 (cumprod accumulated in float64)."""
     schedule = scheduler_config.get("beta_schedule", "linear")
@@ -51,8 +64,13 @@ def alphas_cumprod(scheduler_config: dict[str, Any]) -> np.ndarray:
         betas = linear_betas(start, end, n)
     elif schedule == "scaled_linear":
         betas = (linear_betas(start**0.5, end**0.5, n) ** 2).astype(F32)
+    elif schedule == "squaredcos_cap_v2":
+        betas = cosine_betas(n)
     else:
-        raise ValueError(f"beta_schedule: {schedule!r} is not supported by the runtime; use linear or scaled_linear")
+        raise ValueError(
+            f"beta_schedule: {schedule!r} is not supported by the runtime; "
+            "use linear, scaled_linear or squaredcos_cap_v2"
+        )
     if scheduler_config.get("prediction_type", "epsilon") != "epsilon":
         raise ValueError("prediction_type: the runtime samplers implement epsilon prediction only")
     alphas = (F32(1.0) - betas).astype(np.float64)
