@@ -95,6 +95,18 @@ BENCHES: dict[str, Bench] = {
             OUT,
         ),
     ),  # fmt: skip
+    "floor": Bench(
+        "DTW / blank of the gold itself moved by a row or column, blurred or partly erased (what a ratio means)",
+        "markup2image.bench.floor",
+        (
+            (("--rendered",), {"type": Path, "required": True, "help": "data/rendered/<domain>"}),
+            (
+                ("-n", "--num-samples"),
+                {"dest": "n", "type": int, "default": 0, "help": "test items to score (0: evaluate.num_samples)"},
+            ),
+            OUT,
+        ),
+    ),  # fmt: skip
     "train": Bench(
         "training step time per objective and model size, or of the real train stage per process count",
         "markup2image.bench.train",
