@@ -375,6 +375,16 @@ def check_batch_split(p: Params, processes: int) -> None:
         )
 
 
+def _check_divides(p: Params, key: str, side: int) -> None:
+    """``key``'s patch ``side`` must divide every configured domain's image height and width."""
+    for d in p.domains:
+        dc = p.domain_config(d)
+        if dc.height % side or dc.width % side:
+            raise ConfigError(
+                f"{key}: {side} does not divide domain.{d}'s {dc.height}x{dc.width} images; choose a divisor of both"
+            )
+
+
 def validate(p: Params) -> None:
     """Cross-field checks that must fail before any work starts."""
     for d in p.domains:
@@ -389,13 +399,7 @@ def validate(p: Params) -> None:
         )
     if m.patch_size < 1:
         raise ConfigError(f"model.patch_size: must be at least 1, got {m.patch_size}")
-    for d in p.domains:
-        dc = p.domain_config(d)
-        if dc.height % m.patch_size or dc.width % m.patch_size:
-            raise ConfigError(
-                f"model.patch_size: {m.patch_size} does not divide domain.{d}'s {dc.height}x{dc.width} image; "
-                "choose a divisor of both sides"
-            )
+    _check_divides(p, "model.patch_size", m.patch_size)
     for c in m.block_out_channels:
         if c % m.norm_num_groups:
             raise ConfigError(f"model.block_out_channels: {c} is not divisible by model.norm_num_groups")
@@ -450,12 +454,7 @@ def _validate_hcma(p: Params) -> None:
         return
     if h.dim % h.heads:
         raise ConfigError(f"hcma.dim: {h.dim} is not divisible by hcma.heads={h.heads}")
-    for d in p.domains:
-        dc = p.domain_config(d)
-        if dc.height % h.patch_size or dc.width % h.patch_size:
-            raise ConfigError(
-                f"hcma.patch_size: {h.patch_size} does not divide domain.{d}'s {dc.height}x{dc.width} images"
-            )
+    _check_divides(p, "hcma.patch_size", h.patch_size)
 
 
 def to_dict(p: Any) -> Any:
