@@ -88,7 +88,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         )
     print(
         "mean over {n}: DTW {dtw:.2f}  DTW-TI {dtw_ti:.2f}  RMSE {rmse:.2f}  SSIM {ssim:.4f}".format(**summary)
-        + f"  | blank: DTW {blank['dtw']:.2f}  RMSE {blank['rmse']:.2f}",
+        + f"  | blank: DTW {blank['dtw']:.2f}  RMSE {blank['rmse']:.2f}"
+        + f"  | gold one row off: DTW {result['row_shift_dtw']:.2f}",
         file=sys.stderr,
     )
     return 0

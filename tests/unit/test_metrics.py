@@ -290,6 +290,17 @@ def test_blank_baseline_is_scored_on_the_golds() -> None:
     assert [row["name"] for row in result["per_image"]] == ["a", "b", "c"]
 
 
+def test_row_shift_baseline_is_the_gold_one_row_down() -> None:
+    """A 1-px bar of length L one row off misses every ink pixel twice (its own and the gold's): DTW sqrt(2L)."""
+    gold = np.full((16, 48), 255, np.uint8)
+    gold[7, 10:20] = 0
+    result = score_arrays([gold], [gold], ["bar"])
+    assert result["row_shift_dtw"] == pytest.approx(math.sqrt(20), rel=1e-12)
+    assert result["summary"]["dtw"] == 0 and result["blank_baseline"]["dtw"] == pytest.approx(math.sqrt(10))
+    moved = M.shifted(gold, rows=1)
+    assert moved[8, 10:20].max() == 0 and (moved[0] == 255).all() and (moved[7] == 255).all()
+
+
 def test_score_arrays_rejects_bad_input() -> None:
     img = np.zeros((16, 16), np.uint8)
     with pytest.raises(ValueError, match="differ in length"):

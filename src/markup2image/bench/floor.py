@@ -18,19 +18,8 @@ import numpy as np
 
 from markup2image.config import Params
 from markup2image.evaluation.evaluate import select_test_items
-from markup2image.evaluation.metrics import INK_THRESHOLD, dtw_distance, dtw_ti_distance, ssim
+from markup2image.evaluation.metrics import INK_THRESHOLD, WHITE, dtw_distance, dtw_ti_distance, shifted, ssim
 from markup2image.io import load_image, read_jsonl
-
-WHITE = 255
-
-
-def shifted(img: np.ndarray, rows: int = 0, cols: int = 0) -> np.ndarray:
-    """``img [H, W]`` moved down by ``rows`` and right by ``cols`` (negative: up / left), white where it left."""
-    out = np.full_like(img, WHITE)
-    h, w = img.shape
-    src = img[max(0, -rows) : h - max(0, rows), max(0, -cols) : w - max(0, cols)]
-    out[max(0, rows) : max(0, rows) + src.shape[0], max(0, cols) : max(0, cols) + src.shape[1]] = src
-    return out
 
 
 def perturbations(seed: int) -> dict[str, Callable[[np.ndarray], np.ndarray]]:

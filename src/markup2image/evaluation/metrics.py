@@ -36,6 +36,7 @@ from sewar.full_ref import rase as sewar_rase
 from torchmetrics.functional.image import error_relative_global_dimensionless_synthesis
 
 INK_THRESHOLD = 150  # a pixel is ink when its gray value is below this
+WHITE = 255
 TRANSLATION_SLACK = 0.1  # DTW-TI forgives vertical shifts of up to floor(0.1 * H) rows
 SSIM_WINDOW = 11
 SSIM_K1 = 0.01
@@ -156,6 +157,15 @@ def dtw_ti_distance(pred: np.ndarray, gold: np.ndarray) -> float:
     """Translation-invariant DTW of ``pred [H, Wp]`` and ``gold [H, Wg]``: sqrt of the accumulated DTW-TI cost."""
     pred_cols, gold_cols = _ink_pair(pred, gold)
     return math.sqrt(dtw_accumulated_cost(translation_invariant_cost(pred_cols, gold_cols)))
+
+
+def shifted(img: np.ndarray, rows: int = 0, cols: int = 0) -> np.ndarray:
+    """``img [H, W]`` moved down by ``rows`` and right by ``cols`` (negative: up / left), white where it left."""
+    out = np.full_like(img, WHITE)
+    h, w = img.shape[:2]
+    src = img[max(0, -rows) : h - max(0, rows), max(0, -cols) : w - max(0, cols)]
+    out[max(0, rows) : max(0, rows) + src.shape[0], max(0, cols) : max(0, cols) + src.shape[1]] = src
+    return out
 
 
 def _mse(p: np.ndarray, g: np.ndarray) -> float:

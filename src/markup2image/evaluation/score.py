@@ -8,6 +8,8 @@ Both entry points return the same JSON-able schema::
                   image metrics (evaluation/image_edit.py), "n": pairs scored},
       "per_image": [{"name": ..., "dtw": ..., ...}, ...],
       "blank_baseline": {same metrics: mean over an all-white (255) prediction of each gold's shape, "n": ...},
+      "row_shift_dtw": mean DTW of each gold moved down by one row (white row on top): what a perfect rendering
+                       one row off scores, the scale a model's DTW is read on (README, "What a DTW ratio means"),
       "missing_pred": [names with a gold image but no prediction],
       "missing_gold": [names with a prediction but no gold image],
       "unreadable": [{"name", "file", "error"}, ...],
@@ -33,7 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from markup2image.evaluation.image_edit import image_edit_scores, summarize_image_edit
-from markup2image.evaluation.metrics import METRIC_NAMES, PSNR_CAP_DB, score_pair, to_gray
+from markup2image.evaluation.metrics import METRIC_NAMES, PSNR_CAP_DB, dtw_distance, score_pair, shifted, to_gray
 from markup2image.io import load_image
 
 logger = logging.getLogger(__name__)
@@ -69,6 +71,7 @@ def _score_items(items: Iterable[tuple[str, np.ndarray | None, np.ndarray | None
     """Score ``(name, pred, gold)`` items; ``None`` images were unreadable and are skipped (already recorded)."""
     per_image: list[dict[str, Any]] = []
     blank_rows: list[dict[str, Any]] = []
+    row_shift: list[float] = []
     mismatched: list[dict[str, Any]] = []
     capped = 0
     for name, pred, gold in tqdm(items, total=total, desc="scoring", unit="pair", disable=not progress):
@@ -86,12 +89,14 @@ def _score_items(items: Iterable[tuple[str, np.ndarray | None, np.ndarray | None
         per_image.append({"name": name, **scores})
         blank = np.full_like(gold_gray, 255)
         blank_rows.append(score_pair(blank, gold_gray) | image_edit_scores(blank, gold_gray))
+        row_shift.append(dtw_distance(shifted(gold_gray, rows=1), gold_gray))
     if capped:
         logger.info("%d identical pair(s): PSNR capped at %.0f dB before averaging", capped, PSNR_CAP_DB)
     return {
         "summary": _mean_metrics(per_image),
         "per_image": per_image,
         "blank_baseline": _mean_metrics(blank_rows),
+        "row_shift_dtw": float(np.mean(row_shift)) if row_shift else None,
         "missing_pred": [],
         "missing_gold": [],
         "unreadable": [],
