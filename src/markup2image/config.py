@@ -140,6 +140,13 @@ class DiffusionConfig:
     # min-SNR-gamma weights (Hang et al. 2023) on the y0 error: min(SNR, gamma) ||y0 - y0_hat||^2.
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
     snr_gamma: float = 0.0
+    # which timesteps training draws: uniform (DDPM) | shifted: t = T s u / (1 + (s - 1) u), u ~ U(0, 1), SD3's
+    # timestep shift (Esser et al. 2024, sec. 5.3.2), s > 1 trains more often at high noise | logit_normal: u =
+    # sigmoid(N(mean, std)) (SD3's logit-normal, diffusers' compute_density_for_timestep_sampling). decisions §1.
+    timestep_sampling: Literal["uniform", "shifted", "logit_normal"] = "uniform"
+    timestep_shift: float = 1.0
+    timestep_logit_mean: float = 0.0
+    timestep_logit_std: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -422,6 +429,10 @@ def validate(p: Params) -> None:
                 f"model.{switch}: only train.objective fsa_cdm trains this part (objective is {t.objective}); "
                 f"set model.{switch}: false or train.objective: fsa_cdm"
             )
+    if p.diffusion.timestep_shift <= 0:
+        raise ConfigError(f"diffusion.timestep_shift: must be > 0 (1 = uniform), got {p.diffusion.timestep_shift}")
+    if p.diffusion.timestep_logit_std <= 0:
+        raise ConfigError(f"diffusion.timestep_logit_std: must be > 0, got {p.diffusion.timestep_logit_std}")
     if p.diffusion.snr_gamma < 0:
         raise ConfigError(f"diffusion.snr_gamma: must be 0 (off) or more, got {p.diffusion.snr_gamma}")
     if p.evaluate.steps < 1:

@@ -217,3 +217,17 @@ def test_patch_size_must_be_positive_and_divide_every_domain_image(patch):
     raw["model"] = {**raw["model"], "patch_size": patch}
     msg = _fails(raw, "model.patch_size")
     assert ("at least 1" in msg) if patch == 0 else ("does not divide" in msg and "divisor" in msg)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "words"),
+    [
+        ("timestep_sampling", "cosmap", "logit_normal"),  # a scheme diffusers has but this option does not: listed
+        ("timestep_shift", 0.0, "> 0"),
+        ("timestep_logit_std", -1.0, "> 0"),
+    ],
+)
+def test_timestep_sampling_keys_are_checked(key, value, words):
+    raw = _raw()
+    raw["diffusion"] = {**raw.get("diffusion", {}), key: value}
+    assert words in _fails(raw, f"diffusion.{key}")

@@ -9,9 +9,15 @@ import torch
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.commands.launch import launch_command_parser
 
-from markup2image.config import params_from_dict
+from markup2image.config import DiffusionConfig, params_from_dict
 from markup2image.training.checkpoints import COMPLETE, newest_checkpoint, prune_checkpoints, run_fingerprint
-from markup2image.training.determinism import BatchIndexer, draw_noise, extras_generator, micro_batch_share
+from markup2image.training.determinism import (
+    BatchIndexer,
+    draw_noise,
+    draw_timestep,
+    extras_generator,
+    micro_batch_share,
+)
 from markup2image.training.launch import MACHINE_RANK_ENV, LaunchPlan, launch_command, launch_env, preflight
 from markup2image.training.live import prune_live_after
 from markup2image.training.loop import _accumulate_terms
@@ -46,7 +52,7 @@ def test_batch_indexer_visits_every_item_once_per_epoch():
 @pytest.mark.parametrize(("world", "grad_accum"), [(2, 1), (1, 2), (2, 2), (4, 2)])
 def test_shares_put_together_equal_the_one_process_batch(world, grad_accum):
     """Any split over processes and micro-steps sees the same items with the same noise as 1 process, 1 micro-step."""
-    shape, t_max, step = (1, 16, 32), 1000, 3
+    shape, t_max, step = (1, 16, 32), DiffusionConfig(num_train_timesteps=1000), 3
     one_cfg = _params(batch_size=8).train
     cfg = _params(batch_size=8, grad_accum=grad_accum, num_processes=world).train
     gidx = BatchIndexer(16, seed=0)(step, cfg.batch_size)
@@ -83,7 +89,7 @@ def test_negative_pool_is_the_global_micro_batch_holding_every_share(world, grad
     gidx = BatchIndexer(16, seed=0)(5, cfg.batch_size)
     for micro in range(grad_accum):
         pool = _negative_pool(run, params, gidx, micro, world, "cpu")
-        shares = [micro_batch_share(cfg, gidx, 5, micro, r, world, (1, 2, 2), 1000).indices for r in range(world)]
+        shares = [micro_batch_share(cfg, gidx, 5, micro, r, world, (1, 2, 2), DiffusionConfig()).indices for r in range(world)]
         union = np.concatenate(shares)
         assert pool.markup_keys.tolist() == [100 + int(i) for i in union]
         assert pool.images[:, 0, 0, 0].tolist() == [float(i) for i in union]
@@ -94,13 +100,38 @@ def test_negative_pool_is_the_global_micro_batch_holding_every_share(world, grad
 
 
 def test_noise_differs_between_steps_items_and_seeds():
-    n0, t0 = draw_noise(0, 0, np.arange(64), (1, 4, 4), 1000)
-    n1, _ = draw_noise(1, 0, np.arange(64), (1, 4, 4), 1000)
-    n2, _ = draw_noise(0, 1, np.arange(64), (1, 4, 4), 1000)
+    n0, t0 = draw_noise(0, 0, np.arange(64), (1, 4, 4), DiffusionConfig())
+    n1, _ = draw_noise(1, 0, np.arange(64), (1, 4, 4), DiffusionConfig())
+    n2, _ = draw_noise(0, 1, np.arange(64), (1, 4, 4), DiffusionConfig())
     assert not torch.equal(n0, n1) and not torch.equal(n0, n2)
     assert len({tuple(x.flatten().tolist()) for x in n0}) == 64  # every item its own noise
     assert t0.min() >= 0 and t0.max() < 1000 and len(set(t0.tolist())) > 32
     assert abs(float(n0.mean())) < 0.2 and abs(float(n0.std()) - 1) < 0.1
+
+
+def _timesteps(cfg: DiffusionConfig, n: int = 4000) -> np.ndarray:
+    return np.array([draw_timestep(torch.Generator().manual_seed(i), cfg) for i in range(n)])
+
+
+def test_uniform_timesteps_are_ddpms_randint_stream():
+    """``uniform`` draws exactly ``torch.randint(0, T)`` from the item's generator (runs before the option agree)."""
+    want = [int(torch.randint(0, 1000, (1,), generator=torch.Generator().manual_seed(i))[0]) for i in range(50)]
+    assert _timesteps(DiffusionConfig(), 50).tolist() == want
+
+
+def test_shifted_and_logit_normal_timesteps_follow_their_densities():
+    """SD3's shift: ``P(t < T x) = x / (s - (s - 1) x)`` (the inverse of ``u -> s u / (1 + (s - 1) u)``), so s = 3
+    puts a quarter of the draws below T/2 where uniform puts half; logit-normal(1, 1) has its median at
+    ``T sigmoid(1)``; both stay in 0..T-1 and still reach the low-noise end."""
+    shifted = _timesteps(DiffusionConfig(timestep_sampling="shifted", timestep_shift=3.0))
+    assert shifted.min() >= 0 and shifted.max() <= 999 and shifted.min() < 50
+    for x in (0.1, 0.5, 0.9):
+        assert abs((shifted < 1000 * x).mean() - x / (3 - 2 * x)) < 0.03
+    same = _timesteps(DiffusionConfig(timestep_sampling="shifted", timestep_shift=1.0))
+    assert abs((same < 500).mean() - 0.5) < 0.03  # s = 1 is uniform
+    logit = _timesteps(DiffusionConfig(timestep_sampling="logit_normal", timestep_logit_mean=1.0))
+    assert abs(np.median(logit) - 1000 / (1 + np.exp(-1.0))) < 15
+    assert logit.min() >= 0 and logit.max() <= 999
 
 
 def test_extras_generator_is_per_rank_and_reproducible():

@@ -25,7 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from markup2image.config import TrainConfig
+from diffusers.training_utils import compute_density_for_timestep_sampling
+
+from markup2image.config import DiffusionConfig, TrainConfig
 
 
 class BatchIndexer:
@@ -55,10 +57,33 @@ def _seed(*keys: int) -> int:
     return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
 
 
+def draw_timestep(g: torch.Generator, cfg: DiffusionConfig) -> int:
+    """One training timestep in ``0..T-1`` from ``g`` by ``cfg.timestep_sampling`` (``uniform``: DDPM's ``U{0..T-1}``).
+
+    ``shifted`` and ``logit_normal`` draw a fraction ``u`` in (0, 1) and return ``floor(T u)``: ``shifted`` maps a
+    uniform ``u`` to ``s u / (1 + (s - 1) u)`` (SD3's timestep shift; ``s = 1`` is uniform), ``logit_normal`` is
+    diffusers' ``compute_density_for_timestep_sampling`` (SD3's ``sigmoid(N(mean, std))``).
+    """
+    steps = cfg.num_train_timesteps
+    if cfg.timestep_sampling == "uniform":
+        return int(torch.randint(0, steps, (1,), generator=g)[0])
+    if cfg.timestep_sampling == "shifted":
+        u = float(torch.rand(1, generator=g)[0])
+        u = cfg.timestep_shift * u / (1.0 + (cfg.timestep_shift - 1.0) * u)
+    else:
+        u = float(
+            compute_density_for_timestep_sampling(
+                "logit_normal", 1, logit_mean=cfg.timestep_logit_mean, logit_std=cfg.timestep_logit_std, generator=g
+            )[0]
+        )
+    return min(steps - 1, int(steps * u))
+
+
 def draw_noise(
-    step: int, seed: int, positions: np.ndarray, image_shape: tuple[int, int, int], num_timesteps: int
+    step: int, seed: int, positions: np.ndarray, image_shape: tuple[int, int, int], diffusion: DiffusionConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise ``eps [b, C, H, W]`` and timesteps ``[b]`` of the global-batch ``positions [b]`` at step ``step``.
+    """Noise ``eps [b, C, H, W]`` and timesteps ``[b]`` (:func:`draw_timestep`) of the global-batch ``positions
+    [b]`` at step ``step``.
 
     Position ``j`` draws from its own generator seeded by ``(seed, step, j)``, so however the global batch is split
     over processes and micro-steps, every item gets the same noise; a process draws only its own items.
@@ -67,7 +92,7 @@ def draw_noise(
     timesteps = torch.empty(len(positions), dtype=torch.long)
     for i, j in enumerate(positions):
         g = torch.Generator().manual_seed(_seed(seed, step, j))
-        timesteps[i] = torch.randint(0, num_timesteps, (1,), generator=g)[0]
+        timesteps[i] = draw_timestep(g, diffusion)
         noise[i] = torch.randn(image_shape, generator=g)
     return noise, timesteps
 
@@ -128,15 +153,16 @@ def micro_batch_share(
     rank: int,
     world: int,
     image_shape: tuple[int, int, int],
-    num_timesteps: int,
+    diffusion: DiffusionConfig,
 ) -> MicroBatchShare:
     """Micro-step ``micro`` of optimizer step ``step`` for process ``rank`` of ``world``.
 
-    ``batch_indices [train.batch_size]`` is the global batch (:class:`BatchIndexer`); ``image_shape`` is (C, H, W).
+    ``batch_indices [train.batch_size]`` is the global batch (:class:`BatchIndexer`); ``image_shape`` is (C, H, W);
+    ``diffusion`` says how timesteps are drawn (:func:`draw_timestep`).
     The global batch is cut into ``grad_accum`` micro-batches, each into ``world`` equal shares, in that order.
     """
     local = cfg.batch_size // (cfg.grad_accum * world)
     first = (micro * world + rank) * local
     positions = np.arange(first, first + local)  # (b,) positions in the global batch
-    noise, timesteps = draw_noise(step, cfg.seed, positions, image_shape, num_timesteps)
+    noise, timesteps = draw_noise(step, cfg.seed, positions, image_shape, diffusion)
     return MicroBatchShare(batch_indices[positions], noise, timesteps, positions)

@@ -283,9 +283,9 @@ def _train_step(run: _Run, params: Params, step: int, terms_acc: dict[str, tuple
     world, rank = acc.num_processes, acc.process_index
     run.model.train()
     gidx = run.indices(step, cfg.batch_size)  # (batch_size,) global
-    chw, num_t = (net.image.channels, net.image.height, net.image.width), params.diffusion.num_train_timesteps
+    chw = (net.image.channels, net.image.height, net.image.width)
     for micro in range(cfg.grad_accum):
-        share = micro_batch_share(cfg, gidx, step, micro, rank, world, chw, num_t)
+        share = micro_batch_share(cfg, gidx, step, micro, rank, world, chw, params.diffusion)
         data = collate([run.dataset[int(i)] for i in share.indices], pad_id=net.pad_id)
         drop = condition_dropout(cfg.seed, step, share.positions, cfg.cond_dropout)
         ids, mask = drop_markup(data["input_ids"], data["attention_mask"], drop, run.null_ids, net.pad_id)
@@ -307,7 +307,7 @@ def _train_step(run: _Run, params: Params, step: int, terms_acc: dict[str, tuple
                 loss, terms = run.objective(run.model, batch, run.sched, params, step)
             acc.backward(loss / cfg.grad_accum)
         terms["loss"] = float(loss.detach())
-        _accumulate_terms(terms_acc, terms, batch.timesteps, num_t)
+        _accumulate_terms(terms_acc, terms, batch.timesteps, params.diffusion.num_train_timesteps)
     if cfg.grad_clip > 0:
         _clip_gradients(run, cfg.grad_clip)
     run.opt.step()
