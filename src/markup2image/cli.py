@@ -222,6 +222,22 @@ def cmd_recipe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    """``study queue``: queue the Tables 1-3 runs; ``study report``: read them back into a table and a plot."""
+    from markup2image import study
+
+    domain = args.domain or _params(args.params).domains[0]
+    if args.action == "queue":
+        study.queue(study.rows_arg(args.rows), args.seeds, domain, args.params, dry_run=args.dry_run)
+        return 0
+    show = json.loads(Path(args.exp_json).read_text()) if args.exp_json else study.exp_show()
+    result = study.report(show, Path(args.out), domain)
+    for row in result["rows"]:
+        print(f"{row['table']:8} {row['label']:45} {row['verdict']}")
+    print(f"{len(result['runs'])} runs -> {args.out}/results.{{md,json,png}}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     return bench.run(args, _params(args.params))
 
@@ -301,6 +317,18 @@ def _add_recipe(sub: argparse._SubParsersAction) -> None:
     rc.set_defaults(fn=cmd_recipe)
 
 
+def _add_study(sub: argparse._SubParsersAction) -> None:
+    st = sub.add_parser("study", help="paper Tables 1-3 as a queued dvc exp series (queue) and its results (report)")
+    st.add_argument("action", choices=("queue", "report"))
+    st.add_argument("--rows", nargs="+", help="study rows to queue (default: all); see markup2image.study.CONFIGS")
+    st.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="train.seed values (default 0 1)")
+    st.add_argument("--domain", default=None, help="default: the first of params.yaml domains")
+    st.add_argument("--dry-run", action="store_true", help="queue: print the dvc commands without queueing them")
+    st.add_argument("--exp-json", default=None, help="report: a saved `dvc exp show --json` (default: run it)")
+    st.add_argument("--out", default="docs/study", help="report: folder for results.{json,md,png}")
+    st.set_defaults(fn=cmd_study)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="markup2image", description=__doc__)
     p.add_argument("--params", default="params.yaml", help="params file (defaults apply if it does not exist)")
@@ -311,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(sub)
     _add_summary(sub)
     _add_recipe(sub)
+    _add_study(sub)
     b = sub.add_parser("bench", help="benchmarks, JSON out: markup2image bench NAME --help for one bench's flags")
     bench.add_parsers(b)
     b.set_defaults(fn=cmd_bench)

@@ -11,6 +11,7 @@ the gold image's ink, :mod:`markup2image.evaluation.layout_metrics`) is reported
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import time
@@ -33,7 +34,7 @@ from markup2image.evaluation.metrics import METRIC_NAMES
 from markup2image.evaluation.report import save_comparison_grid
 from markup2image.evaluation.score import score_arrays
 from markup2image.io import load_image, read_jsonl, save_png, write_json
-from markup2image.models.model import load_model
+from markup2image.models.model import MODEL_CONFIG, load_model
 from markup2image.text.tokenizer import empty_markup_like, encode_batch, load_tokenizer
 
 if TYPE_CHECKING:
@@ -95,6 +96,7 @@ def evaluate(params: Params, domain: str, model_dir: Path, rendered_dir: Path, o
     metrics |= layout_accuracy(preds, golds, [layouts.get(n) for n in names])
     if len(items) > 1:
         metrics |= markup_use_from_arrays(model, golds, tok, [r["markup"] for r in items])
+    metrics |= training_facts(model_dir)
     run = {
         "sampler": cfg.sampler,
         "steps": cfg.steps,
@@ -200,6 +202,16 @@ def layout_accuracy(preds: list[np.ndarray], golds: list[np.ndarray], layouts: l
     if not scored:
         return {}
     return mean_layout_scores(scored) | {"layout_items": len(scored)}
+
+
+def training_facts(model_dir: Path) -> dict[str, float]:
+    """``train_seconds`` and ``steps_trained`` of the model (what its training loop saved), so ``dvc exp show``
+    puts each experiment's training cost beside its scores; empty for a model saved without them."""
+    try:
+        saved = json.loads((Path(model_dir) / MODEL_CONFIG).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: saved[k] for k in ("train_seconds", "steps_trained") if isinstance(saved.get(k), (int, float))}
 
 
 def flat_metrics(scores: dict, *, n_params: int, seconds_per_image: float, n: int) -> dict[str, float]:

@@ -1,0 +1,364 @@
+"""The paper's Tables 1-3 as a queued ``dvc exp`` series, and the report that reads it back.
+
+``markup2image study queue`` queues one ``dvc exp run --queue -n t23-<row>-s<seed> -S ... evaluate@<domain>`` per
+row and seed on the corpus and budget of ``params.yaml`` (every row trains the same optimizer steps; only the
+method switches and, for Table 3, ``lambda`` differ); ``dvc queue start -j 2`` runs them two side by side, each on
+one process (``train.num_processes=1``). ``markup2image study report`` reads ``dvc exp show --json`` and writes
+``results.json``, ``results.md`` and ``results.png``: per row the mean and spread over seeds of DTW, DTW-TI, RMSE,
+SSIM, im2markup edit accuracy and markup use, the training time, the paper's DTW beside it and a verdict on
+whether the paper's direction (the row against its reference row) reproduces.
+
+The verdict compares signs of the change against the reference row, ours (``mean - mean_ref``) and the paper's;
+it calls a change resolved when it exceeds twice its standard error over seeds (``sqrt(s^2/n + s_ref^2/n_ref)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shlex
+import subprocess
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from markup2image.config import Params, params_from_dict
+from markup2image.io import write_json
+from markup2image.recipes import _value, apply_overrides
+
+log = logging.getLogger(__name__)
+
+PREFIX = "t23"
+SEEDS = (0, 1)
+# every study run: one process, so `dvc queue start -j 2` keeps two runs on two cores
+COMMON = {"train.num_processes": 1}
+PARTS_OFF = {"model.fsa": False, "model.con_aug": False, "model.ccam": False}
+# eq. 10 as printed: the InfoNCE term at weight 1 wherever con_aug exists (the paper recipes do the same)
+CON_AUG = {"model.con_aug": True, "infonce_weight": 1.0}
+METRIC_KEYS = ("dtw", "dtw_ti", "rmse", "ssim", "edit_accuracy", "edit_accuracy_nonblank", "markup_use")
+METRIC_KEYS += ("blank_dtw", "train_seconds")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One trained configuration of the study: ``key`` names its experiments, ``set`` its ``-S`` overrides."""
+
+    key: str
+    set: dict[str, Any]
+
+
+def _fsa_cdm(**switches: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"train.objective": "fsa_cdm", **PARTS_OFF}
+    for part, on in switches.items():
+        out |= CON_AUG if part == "con_aug" and on else {f"model.{part}": on}
+    return out
+
+
+CONFIGS = (
+    Config("ddpm", {"train.objective": "ddpm", **PARTS_OFF}),
+    Config("ss_dm", {"train.objective": "ss_dm", **PARTS_OFF}),
+    Config("cdcd", {"train.objective": "cdcd", **PARTS_OFF}),
+    Config("fsa", _fsa_cdm(fsa=True)),
+    Config("con_aug", _fsa_cdm(con_aug=True)),
+    Config("ccam", _fsa_cdm(ccam=True)),
+    Config("fsa_con_aug", _fsa_cdm(fsa=True, con_aug=True)),
+    Config("all", _fsa_cdm(fsa=True, con_aug=True, ccam=True) | {"lambda": 0.005}),
+    Config("fsa_ccam", _fsa_cdm(fsa=True, ccam=True)),
+    *(
+        Config(f"all_lam{str(lam).replace('.', 'p')}", _fsa_cdm(fsa=True, con_aug=True, ccam=True) | {"lambda": lam})
+        for lam in (0.0, 0.002, 0.01, 0.02)
+    ),
+)
+CONFIG_KEYS = tuple(c.key for c in CONFIGS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Line:
+    """A line of the paper's tables: the configuration it reads, the paper's math DTW, the line it is compared to."""
+
+    table: str
+    label: str
+    config: str
+    paper_dtw: float | None
+    reference: str | None
+
+
+LINES = (
+    Line("Table 2", "baseline (DDPM)", "ddpm", 19.12, None),
+    Line("Table 2", "+ FSA", "fsa", 18.54, "ddpm"),
+    Line("Table 2", "+ con_aug", "con_aug", 16.82, "ddpm"),
+    Line("Table 2", "+ CCAM", "ccam", 17.79, "ddpm"),
+    Line("Table 2", "FSA + con_aug", "fsa_con_aug", 16.23, "ddpm"),
+    Line("Table 2", "FSA + con_aug + CCAM (all)", "all", 15.76, "ddpm"),
+    Line("Table 2", "FSA + CCAM (our default; not a paper row)", "fsa_ccam", None, "ddpm"),
+    Line("Table 1", "SS-DM", "ss_dm", 18.81, "ddpm"),
+    Line("Table 1", "CDCD", "cdcd", 17.98, "ddpm"),
+    Line("Table 3", "lambda 0", "all_lam0p0", 16.34, None),
+    Line("Table 3", "lambda 0.002", "all_lam0p002", 16.07, "all_lam0p0"),
+    Line("Table 3", "lambda 0.005", "all", 15.76, "all_lam0p0"),
+    Line("Table 3", "lambda 0.01", "all_lam0p01", 15.94, "all_lam0p0"),
+    Line("Table 3", "lambda 0.02", "all_lam0p02", 16.29, "all_lam0p0"),
+)
+
+
+def config(key: str) -> Config:
+    for c in CONFIGS:
+        if c.key == key:
+            return c
+    raise ValueError(f"study: unknown row {key!r}; rows: {', '.join(CONFIG_KEYS)}")
+
+
+def exp_name(key: str, seed: int) -> str:
+    return f"{PREFIX}-{key}-s{seed}"
+
+
+def overrides(key: str, seed: int) -> dict[str, Any]:
+    """The dotted ``params.yaml`` overrides of one study run."""
+    return {**COMMON, **config(key).set, "train.seed": seed}
+
+
+def study_params(key: str, seed: int, params_file: str | Path = "params.yaml") -> Params:
+    """The validated :class:`Params` the run would train with (a misspelt key or a bad value fails here)."""
+    path = Path(params_file)
+    base = yaml.safe_load(path.read_text()) if path.exists() else {}
+    return params_from_dict(apply_overrides(base or {}, overrides(key, seed)))
+
+
+def queue_command(key: str, seed: int, domain: str = "math") -> list[str]:
+    """``dvc exp run --queue -n t23-<key>-s<seed> -S k=v ... evaluate@<domain>`` (export is not part of the study)."""
+    cmd = ["dvc", "exp", "run", "--queue", "-n", exp_name(key, seed)]
+    for k, v in overrides(key, seed).items():
+        cmd += ["-S", f"{k}={_value(v)}"]
+    return [*cmd, f"evaluate@{domain}"]
+
+
+def queue(
+    keys: Sequence[str], seeds: Sequence[int], domain: str, params_file: str | Path, dry_run: bool = False
+) -> list[list[str]]:
+    """Check every run's params, then queue them (``dry_run``: print the commands only)."""
+    runs = [(k, s) for k in keys for s in seeds]
+    for k, s in runs:
+        study_params(k, s, params_file)
+    cmds = [queue_command(k, s, domain) for k, s in runs]
+    for cmd in cmds:
+        print(shlex.join(cmd))
+        if not dry_run:
+            proc = subprocess.run(cmd)
+            if proc.returncode != 0:
+                raise SystemExit(f"error: {cmd[5]}: dvc exp run --queue failed (exit {proc.returncode})")
+    if not dry_run:
+        print(f"queued {len(cmds)} runs; start them with: dvc queue start -j 2 (then markup2image study report)")
+    return cmds
+
+
+# -- report ---------------------------------------------------------------------------------------------------------
+
+
+def experiments(show: list[dict], domain: str = "math") -> dict[str, dict[str, Any]]:
+    """``{name: {"params": ..., "metrics": ...}}`` of every study experiment in ``dvc exp show --json`` output."""
+    out: dict[str, dict[str, Any]] = {}
+    for commit in show:
+        for exp in commit.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                name = rev.get("name") or exp.get("name") or ""
+                data = rev.get("data") or {}
+                metrics = ((data.get("metrics") or {}).get(f"eval/{domain}/metrics.json") or {}).get("data")
+                if not name.startswith(f"{PREFIX}-") or not metrics:
+                    continue
+                params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
+                out[name] = {"params": params, "metrics": metrics}
+    return out
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return {"mean": mean, "sd": sd, "n": n, "values": values}
+
+
+def summarize(exps: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per configuration: the seeds found and mean / sd / n of each metric over them."""
+    out: dict[str, dict[str, Any]] = {}
+    for key in CONFIG_KEYS:
+        runs = {n: e for n, e in exps.items() if n.rsplit("-s", 1)[0] == f"{PREFIX}-{key}"}
+        if not runs:
+            continue
+        seeds = sorted(int(n.rsplit("-s", 1)[1]) for n in runs)
+        stats = {}
+        for m in METRIC_KEYS:
+            vals = [float(e["metrics"][m]) for e in runs.values() if isinstance(e["metrics"].get(m), (int, float))]
+            if vals:
+                stats[m] = _stats(vals)
+        ratio = [float(e["metrics"]["dtw"]) / float(e["metrics"]["blank_dtw"]) for e in runs.values()]
+        stats["dtw_over_blank"] = _stats(ratio)
+        out[key] = {"seeds": seeds, "metrics": stats}
+    return out
+
+
+def verdict(ours: dict | None, ref: dict | None, paper: float | None, paper_ref: float | None) -> dict[str, Any]:
+    """Our DTW change against the reference row beside the paper's, and whether the paper's direction holds."""
+    if paper is None or paper_ref is None:
+        paper_delta = None
+    else:
+        paper_delta = (paper - paper_ref) / paper_ref
+    if ours is None or ref is None:
+        return {"paper_change": paper_delta, "change": None, "se": None, "verdict": "not run"}
+    a, b = ours["metrics"]["dtw"], ref["metrics"]["dtw"]
+    change = (a["mean"] - b["mean"]) / b["mean"]
+    if a["sd"] is None or b["sd"] is None:
+        return {"paper_change": paper_delta, "change": change, "se": None, "verdict": "one seed: no spread"}
+    se = math.sqrt(a["sd"] ** 2 / a["n"] + b["sd"] ** 2 / b["n"]) / b["mean"]
+    if paper_delta is None:
+        word = "lower DTW" if change < 0 else "higher DTW"
+        text = f"{word} than the reference" if abs(change) > 2 * se else "within seed noise of the reference"
+        return {"paper_change": None, "change": change, "se": se, "verdict": text}
+    same = (change < 0) == (paper_delta < 0)
+    if abs(change) <= 2 * se:
+        text = f"within seed noise ({'same' if same else 'opposite'} sign)"
+    else:
+        text = "reproduces" if same else "reversed"
+    return {"paper_change": paper_delta, "change": change, "se": se, "verdict": text}
+
+
+def report_rows(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for ln in LINES:
+        ours = summary.get(ln.config)
+        ref = summary.get(ln.reference) if ln.reference else None
+        paper_ref = next((x.paper_dtw for x in LINES if x.config == ln.reference and x.reference is None), None)
+        row = {"table": ln.table, "label": ln.label, "config": ln.config, "reference": ln.reference}
+        row |= {"paper_dtw": ln.paper_dtw, "seeds": ours["seeds"] if ours else []}
+        row["metrics"] = ours["metrics"] if ours else {}
+        row |= verdict(ours, ref, ln.paper_dtw, paper_ref) if ln.reference else {"verdict": "reference"}
+        rows.append(row)
+    return rows
+
+
+def _ms(stat: dict | None, fmt: str = "{:.2f}") -> str:
+    if not stat:
+        return "-"
+    text = fmt.format(stat["mean"])
+    return text + (" ± " + fmt.format(stat["sd"]) if stat["sd"] is not None else "")
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:+.1f} %"
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    head = "| table | row | seeds | DTW | DTW / blank | DTW-TI | RMSE | SSIM | edit acc | edit acc (ink cols) |"
+    head += " markup use | train min | paper DTW | paper change | our change (± SE) | verdict |"
+    lines = [head, "|" + " --- |" * 16]
+    for r in rows:
+        m = r["metrics"]
+        train = m.get("train_seconds")
+        train_min = {**train, "mean": train["mean"] / 60, "sd": None} if train else None
+        change = _pct(r.get("change")) + (f" ± {100 * r['se']:.1f}" if r.get("se") is not None else "")
+        cells = [
+            r["table"], r["label"], ",".join(map(str, r["seeds"])) or "-", _ms(m.get("dtw")),
+            _ms(m.get("dtw_over_blank"), "{:.3f}"), _ms(m.get("dtw_ti")), _ms(m.get("rmse"), "{:.1f}"),
+            _ms(m.get("ssim"), "{:.3f}"), _ms(m.get("edit_accuracy"), "{:.3f}"),
+            _ms(m.get("edit_accuracy_nonblank"), "{:.3f}"), _ms(m.get("markup_use")),
+            _ms(train_min, "{:.1f}"), "-" if r["paper_dtw"] is None else f"{r['paper_dtw']:.2f}",
+            _pct(r.get("paper_change")), change if r.get("change") is not None else "-", r["verdict"],
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Left: each row's DTW change against its reference, ours (mean, seeds as dots, ±2 SE) beside the paper's.
+    Right: Table 3's lambda sweep relative to lambda 0, ours and the paper's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    t12 = [r for r in rows if r["table"] != "Table 3" and r["reference"]]
+    xs = range(len(t12))
+    paper = [100 * r["paper_change"] if r.get("paper_change") is not None else math.nan for r in t12]
+    ours = [100 * r["change"] if r.get("change") is not None else math.nan for r in t12]
+    err = [200 * r["se"] if r.get("se") is not None else 0 for r in t12]
+    ax1.bar([x - 0.2 for x in xs], paper, 0.4, color="#bbbbbb", label="paper (64x320, full budget)")
+    ax1.bar([x + 0.2 for x in xs], ours, 0.4, yerr=err, color="#3b6ea8", capsize=3, label="ours (mean, ±2 SE)")
+    for x, r in zip(xs, t12):
+        ref = next((q for q in rows if q["config"] == r["reference"] and q["metrics"]), None)
+        if r["metrics"] and ref:
+            ref_mean = ref["metrics"]["dtw"]["mean"]
+            for v in r["metrics"]["dtw"]["values"]:
+                ax1.plot(x + 0.2, 100 * (v - ref_mean) / ref_mean, "k.", ms=5)
+        else:
+            ax1.text(x + 0.2, 0.3, "not run", rotation=90, ha="center", va="bottom", fontsize=8)
+    ax1.axhline(0, color="k", lw=0.8)
+    ax1.set_xticks(list(xs), [r["label"].split(" (")[0] for r in t12], rotation=25, ha="right", fontsize=8)
+    ax1.set_ylabel("DTW change vs DDPM baseline (%)  (lower is better)")
+    ax1.set_title("Tables 1-2: each row against the DDPM baseline")
+    ax1.legend(fontsize=8)
+    t3 = [r for r in rows if r["table"] == "Table 3"]
+    lams = [float(r["label"].split()[-1]) for r in t3]
+    base = t3[0]
+    paper3 = [100 * (r["paper_dtw"] - base["paper_dtw"]) / base["paper_dtw"] for r in t3]
+    ax2.plot(lams, paper3, "o-", color="#888888", label="paper")
+    if base["metrics"]:
+        b = base["metrics"]["dtw"]["mean"]
+        pts = [(lam, r) for lam, r in zip(lams, t3) if r["metrics"]]
+        ax2.errorbar(
+            [p[0] for p in pts], [100 * (r["metrics"]["dtw"]["mean"] - b) / b for _, r in pts],
+            yerr=[200 * r["se"] if r.get("se") else 0 for _, r in pts], fmt="s-", color="#3b6ea8", capsize=3,
+            label="ours",
+        )  # fmt: skip
+    else:
+        ax2.text(0.5, 0.5, "ours: not run", transform=ax2.transAxes, ha="center")
+    ax2.axhline(0, color="k", lw=0.8)
+    ax2.set_xlabel("lambda (EUBO weight)")
+    ax2.set_ylabel("DTW change vs lambda 0 (%)")
+    ax2.set_title("Table 3: the lambda sweep (all parts on)")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def exp_show(cwd: str | Path = ".") -> list[dict]:
+    proc = subprocess.run(["dvc", "exp", "show", "--json"], cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: dvc exp show --json failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout)
+
+
+def report(show: list[dict], out: Path, domain: str = "math") -> dict[str, Any]:
+    """Write ``results.json``, ``results.md`` and ``results.png`` into ``out``; return the JSON."""
+    exps = experiments(show, domain)
+    summary = summarize(exps)
+    rows = report_rows(summary)
+    core_s = 0.0
+    for e in exps.values():
+        m = e["metrics"]
+        core_s += float(m.get("train_seconds", 0)) + float(m.get("seconds_per_image", 0)) * m.get("num_samples", 0)
+    result = {
+        "domain": domain,
+        "runs": sorted(exps),
+        "rows": rows,
+        "cpu_seconds_train_and_sample": round(core_s, 1),
+        "rule": "verdict: sign of our DTW change vs the paper's; resolved when |change| > 2 SE over seeds",
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", result)
+    (out / "results.md").write_text(markdown(rows))
+    plot(rows, out / "results.png")
+    log.info("study: %d runs of %d rows -> %s", len(exps), len(summary), out)
+    return result
+
+
+def rows_arg(values: Iterable[str] | None) -> list[str]:
+    keys = list(values or CONFIG_KEYS)
+    for k in keys:
+        config(k)
+    return keys
