@@ -207,7 +207,8 @@ def verdict(ours: dict | None, ref: dict | None, paper: float | None, paper_ref:
     else:
         paper_delta = (paper - paper_ref) / paper_ref
     if ours is None or ref is None:
-        return {"paper_change": paper_delta, "change": None, "se": None, "verdict": "not run"}
+        text = "not run" if ours is None else "its reference row not run"
+        return {"paper_change": paper_delta, "change": None, "se": None, "verdict": text}
     a, b = ours["metrics"]["dtw"], ref["metrics"]["dtw"]
     change = (a["mean"] - b["mean"]) / b["mean"]
     if a["sd"] is None or b["sd"] is None:
@@ -234,7 +235,10 @@ def report_rows(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         row = {"table": ln.table, "label": ln.label, "config": ln.config, "reference": ln.reference}
         row |= {"paper_dtw": ln.paper_dtw, "seeds": ours["seeds"] if ours else []}
         row["metrics"] = ours["metrics"] if ours else {}
-        row |= verdict(ours, ref, ln.paper_dtw, paper_ref) if ln.reference else {"verdict": "reference"}
+        if ln.reference:
+            row |= verdict(ours, ref, ln.paper_dtw, paper_ref)
+        else:
+            row["verdict"] = "reference" if ours else "reference, not run"
         rows.append(row)
     return rows
 

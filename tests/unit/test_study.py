@@ -1,0 +1,134 @@
+"""The Tables 1-3 study: its runs' params, the queued dvc commands, and the report read back from dvc exp show."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from markup2image import study
+from markup2image.cli import main
+from markup2image.config import ConfigError
+from markup2image.evaluation.evaluate import training_facts
+
+REPO = Path(__file__).resolve().parents[2]
+PARAMS = REPO / "params.yaml"
+
+SWITCHES = {  # config -> (objective, fsa, con_aug, ccam)
+    "ddpm": ("ddpm", False, False, False),
+    "ss_dm": ("ss_dm", False, False, False),
+    "cdcd": ("cdcd", False, False, False),
+    "fsa": ("fsa_cdm", True, False, False),
+    "con_aug": ("fsa_cdm", False, True, False),
+    "ccam": ("fsa_cdm", False, False, True),
+    "fsa_con_aug": ("fsa_cdm", True, True, False),
+    "all": ("fsa_cdm", True, True, True),
+    "fsa_ccam": ("fsa_cdm", True, False, True),
+}
+
+
+@pytest.mark.parametrize("key", study.CONFIG_KEYS)
+def test_every_run_trains_what_its_row_says(key):
+    p = study.study_params(key, 1, PARAMS)
+    objective, fsa, con_aug, ccam = SWITCHES.get(key, ("fsa_cdm", True, True, True))  # the lambda sweep: all on
+    assert (p.train.objective, p.model.fsa, p.model.con_aug, p.model.ccam) == (objective, fsa, con_aug, ccam)
+    assert p.train.seed == 1 and p.train.num_processes == 1
+    assert p.infonce_weight == (1.0 if con_aug else 0.0)  # eq. 10's InfoNCE wherever con_aug exists
+    base = study.study_params("ddpm", 0, PARAMS)
+    assert (p.train.steps, p.train.batch_size, p.data, p.evaluate) == (
+        base.train.steps,
+        base.train.batch_size,
+        base.data,
+        base.evaluate,
+    )  # equal budget and corpus for every row
+
+
+def test_the_lambda_sweep_changes_only_lambda():
+    lams = {k: study.study_params(k, 0, PARAMS).lambda_ for k in study.CONFIG_KEYS if k.startswith("all")}
+    assert lams == {"all": 0.005, "all_lam0p0": 0.0, "all_lam0p002": 0.002, "all_lam0p01": 0.01, "all_lam0p02": 0.02}
+    assert {ln.config for ln in study.LINES} <= set(study.CONFIG_KEYS)
+    assert {ln.reference for ln in study.LINES if ln.reference} <= set(study.CONFIG_KEYS)
+
+
+def test_queue_command_is_a_named_dvc_exp_up_to_evaluate():
+    cmd = study.queue_command("ccam", 1)
+    assert cmd[:6] == ["dvc", "exp", "run", "--queue", "-n", "t23-ccam-s1"]
+    assert cmd[-1] == "evaluate@math"
+    sets = [cmd[i + 1] for i, a in enumerate(cmd) if a == "-S"]
+    assert "model.ccam=true" in sets and "model.fsa=false" in sets and "train.seed=1" in sets
+    assert 'train.objective="fsa_cdm"' in sets  # JSON-quoted: DVC's parser keeps it a string
+
+
+def test_queue_checks_params_before_queueing_anything(tmp_path, capsys):
+    bad = tmp_path / "params.yaml"
+    bad.write_text(PARAMS.read_text().replace("lr: 0.002", "lr: fast"))
+    with pytest.raises(ConfigError, match="train.lr"):
+        study.queue(["ddpm"], [0], "math", bad)
+    assert capsys.readouterr().out == ""  # nothing printed, nothing queued
+    with pytest.raises(ValueError, match="unknown row 'nope'"):
+        study.rows_arg(["ddpm", "nope"])
+    cmds = study.queue(["ddpm", "fsa"], [0, 1], "math", PARAMS, dry_run=True)
+    assert [c[5] for c in cmds] == ["t23-ddpm-s0", "t23-ddpm-s1", "t23-fsa-s0", "t23-fsa-s1"]
+
+
+def _rev(name, dtw, seed, blank=20.0, train_s=600.0):
+    metrics = {"dtw": dtw, "blank_dtw": blank, "dtw_ti": dtw - 1, "rmse": 40.0, "ssim": 0.5, "edit_accuracy": 0.6}
+    metrics |= {"edit_accuracy_nonblank": 0.03, "markup_use": 1.2, "train_seconds": train_s}
+    metrics |= {"seconds_per_image": 0.5, "num_samples": 10}
+    data = {"params": {"params.yaml": {"data": {"train": {"seed": seed}}}}}
+    data["metrics"] = {"eval/math/metrics.json": {"data": metrics}}
+    return {"rev": "x" * 40, "name": name, "data": data}
+
+
+def _show(runs):
+    revs = [{"revs": [_rev(n, d, int(n.rsplit("-s", 1)[1]))], "name": n} for n, d in runs.items()]
+    failed = {"revs": [{"rev": "y" * 40, "name": "t23-cdcd-s0", "data": {"metrics": {}}}], "name": "t23-cdcd-s0"}
+    other = {"revs": [_rev("probe-s0", 1.0, 0)], "name": "probe-s0"}
+    return [{"rev": "workspace", "experiments": None}, {"rev": "a" * 40, "experiments": [*revs, failed, other]}]
+
+
+RUNS = {
+    "t23-ddpm-s0": 10.0, "t23-ddpm-s1": 10.2,
+    "t23-fsa-s0": 9.0, "t23-fsa-s1": 9.1,  # clearly lower: the paper's direction
+    "t23-ccam-s0": 10.05, "t23-ccam-s1": 10.0,  # within the seeds' noise
+    "t23-ss_dm-s0": 11.0, "t23-ss_dm-s1": 11.2,  # clearly higher: the paper has it lower
+    "t23-all-s0": 9.5,  # one seed
+}  # fmt: skip
+
+
+def test_report_means_spreads_and_verdicts(tmp_path):
+    result = study.report(_show(RUNS), tmp_path)
+    rows = {r["label"]: r for r in result["rows"]}
+    ddpm = rows["baseline (DDPM)"]["metrics"]["dtw"]
+    assert ddpm["mean"] == pytest.approx(10.1) and ddpm["sd"] == pytest.approx(0.1414, abs=1e-3) and ddpm["n"] == 2
+    fsa = rows["+ FSA"]
+    assert fsa["change"] == pytest.approx((9.05 - 10.1) / 10.1)
+    assert fsa["paper_change"] == pytest.approx((18.54 - 19.12) / 19.12)
+    assert fsa["verdict"] == "reproduces"
+    assert rows["+ CCAM"]["verdict"] == "within seed noise (same sign)"
+    assert rows["SS-DM"]["verdict"] == "reversed"
+    assert rows["FSA + con_aug + CCAM (all)"]["verdict"] == "one seed: no spread"
+    assert rows["CDCD"]["verdict"] == "not run"  # its only run failed: no metrics, not a zero
+    assert rows["+ con_aug"]["verdict"] == "not run" and rows["lambda 0.002"]["verdict"] == "not run"
+    assert rows["lambda 0.005"]["verdict"] == "its reference row not run"  # the "all" run, lambda 0 missing
+    assert rows["lambda 0"]["verdict"] == "reference, not run"
+    assert sorted(result["runs"]) == sorted(RUNS)  # the probe and the failed run are not study results
+    assert result["cpu_seconds_train_and_sample"] == pytest.approx(len(RUNS) * (600 + 5))
+    assert rows["+ FSA"]["metrics"]["dtw_over_blank"]["mean"] == pytest.approx(9.05 / 20)
+    md = (tmp_path / "results.md").read_text()
+    assert "| Table 2 | + FSA | 0,1 | 9.05 ± 0.07 |" in md and "18.54" in md
+    assert json.loads((tmp_path / "results.json").read_text())["rows"][1]["verdict"] == "reproduces"
+    assert (tmp_path / "results.png").stat().st_size > 10_000
+
+
+def test_report_cli_reads_a_saved_exp_show(tmp_path, capsys):
+    saved = tmp_path / "show.json"
+    saved.write_text(json.dumps(_show(RUNS)))
+    assert main(["--params", str(PARAMS), "study", "report", "--exp-json", str(saved), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "+ FSA" in out and "reproduces" in out and f"{len(RUNS)} runs" in out
+
+
+def test_evaluate_reports_the_models_training_time(tmp_path):
+    (tmp_path / "model_config.json").write_text(json.dumps({"train_seconds": 61.5, "steps_trained": 1000, "a": 1}))
+    assert training_facts(tmp_path) == {"train_seconds": 61.5, "steps_trained": 1000}
+    assert training_facts(tmp_path / "missing") == {}
