@@ -89,7 +89,8 @@ def test_negative_pool_is_the_global_micro_batch_holding_every_share(world, grad
     gidx = BatchIndexer(16, seed=0)(5, cfg.batch_size)
     for micro in range(grad_accum):
         pool = _negative_pool(run, params, gidx, micro, world, "cpu")
-        shares = [micro_batch_share(cfg, gidx, 5, micro, r, world, (1, 2, 2), DiffusionConfig()).indices for r in range(world)]
+        diffusion = DiffusionConfig()
+        shares = [micro_batch_share(cfg, gidx, 5, micro, r, world, (1, 2, 2), diffusion).indices for r in range(world)]
         union = np.concatenate(shares)
         assert pool.markup_keys.tolist() == [100 + int(i) for i in union]
         assert pool.images[:, 0, 0, 0].tolist() == [float(i) for i in union]

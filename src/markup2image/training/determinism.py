@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
 from markup2image.config import DiffusionConfig, TrainConfig
