@@ -231,7 +231,8 @@ def cmd_study(args: argparse.Namespace) -> int:
         study.queue(study.rows_arg(args.rows), args.seeds, domain, args.params, dry_run=args.dry_run)
         return 0
     show = json.loads(Path(args.exp_json).read_text()) if args.exp_json else study.exp_show()
-    result = study.report(show, Path(args.out), domain)
+    rendered = Path(args.rendered) if args.rendered else None
+    result = study.report(show, Path(args.out), domain, rendered=rendered)
     for row in result["rows"]:
         print(f"{row['table']:8} {row['label']:45} {row['verdict']}")
     print(f"{len(result['runs'])} runs -> {args.out}/results.{{md,json,png}}")
@@ -326,6 +327,7 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--dry-run", action="store_true", help="queue: print the dvc commands without queueing them")
     st.add_argument("--exp-json", default=None, help="report: a saved `dvc exp show --json` (default: run it)")
     st.add_argument("--out", default="docs/study", help="report: folder for results.{json,md,png}")
+    st.add_argument("--rendered", default=None, help="report: the rendered split (data/rendered/math): samples.png")
     st.set_defaults(fn=cmd_study)
 
 

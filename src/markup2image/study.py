@@ -20,7 +20,7 @@ import logging
 import math
 import shlex
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +170,7 @@ def experiments(show: list[dict], domain: str = "math") -> dict[str, dict[str, A
                 if not name.startswith(f"{PREFIX}-") or not metrics:
                     continue
                 params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
-                out[name] = {"params": params, "metrics": metrics}
+                out[name] = {"params": params, "metrics": metrics, "rev": rev.get("rev")}
     return out
 
 
@@ -330,6 +330,67 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def dvc_read(path: str, rev: str) -> bytes:
+    """A file of an experiment's DVC outputs (e.g. ``eval/math/samples/<id>.png``) from the local cache."""
+    import dvc.api
+
+    return dvc.api.read(path, rev=rev, mode="rb")
+
+
+def samples_montage(
+    exps: dict[str, dict[str, Any]],
+    rendered: Path,
+    out: Path,
+    domain: str = "math",
+    items: int = 8,
+    seed: int = 0,
+    reader: Callable[[str, str], bytes] = dvc_read,
+) -> list[str]:
+    """One picture: the first ``items`` evaluated test items (rows), gold then each configuration's sample for
+    training seed ``seed`` (columns), read from each experiment's DVC outputs. Returns the column labels."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from PIL import Image
+
+    from markup2image.evaluation.evaluate import select_test_items
+    from markup2image.io import read_jsonl
+
+    cols = [(k, exps[exp_name(k, seed)]) for k in CONFIG_KEYS if exp_name(k, seed) in exps]
+    if not cols:
+        return []
+    evaluate_params = cols[0][1]["params"].get("evaluate", {})
+    test = read_jsonl(Path(rendered) / "test.jsonl")
+    chosen = select_test_items(test, evaluate_params.get("num_samples", 64), evaluate_params.get("seed", 42))[:items]
+    fig, axes = plt.subplots(len(chosen), len(cols) + 1, figsize=(1.9 * (len(cols) + 1), 0.62 * len(chosen) + 0.6))
+    axes = np.atleast_2d(axes)
+    for i, row in enumerate(chosen):
+        gold = Image.open(Path(rendered) / row["image"]).convert("L")
+        panels = [("gold", gold)]
+        for key, exp in cols:
+            data = reader(f"eval/{domain}/samples/{row['id']}.png", exp["rev"])
+            panels.append((key, Image.open(io.BytesIO(data)).convert("L")))
+        for j, (label, img) in enumerate(panels):
+            ax = axes[i, j]
+            ax.imshow(np.asarray(img), cmap="gray", vmin=0, vmax=255)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(label, fontsize=8)
+    fig.suptitle(
+        f"the same {len(chosen)} test formulas: gold, then each row's sample (training seed {seed})", fontsize=9
+    )
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return ["gold", *(k for k, _ in cols)]
+
+
 def exp_show(cwd: str | Path = ".") -> list[dict]:
     proc = subprocess.run(["dvc", "exp", "show", "--json"], cwd=cwd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -337,8 +398,15 @@ def exp_show(cwd: str | Path = ".") -> list[dict]:
     return json.loads(proc.stdout)
 
 
-def report(show: list[dict], out: Path, domain: str = "math") -> dict[str, Any]:
-    """Write ``results.json``, ``results.md`` and ``results.png`` into ``out``; return the JSON."""
+def report(
+    show: list[dict],
+    out: Path,
+    domain: str = "math",
+    rendered: Path | None = None,
+    reader: Callable[[str, str], bytes] = dvc_read,
+) -> dict[str, Any]:
+    """Write ``results.json``, ``results.md`` and ``results.png`` into ``out`` (with ``rendered``, the test split's
+    folder, also ``samples.png``: gold beside every row's sample); return the JSON."""
     exps = experiments(show, domain)
     summary = summarize(exps)
     rows = report_rows(summary)
@@ -357,6 +425,9 @@ def report(show: list[dict], out: Path, domain: str = "math") -> dict[str, Any]:
     write_json(out / "results.json", result)
     (out / "results.md").write_text(markdown(rows))
     plot(rows, out / "results.png")
+    if rendered is not None:
+        result["samples_columns"] = samples_montage(exps, rendered, out / "samples.png", domain, reader=reader)
+        write_json(out / "results.json", result)
     log.info("study: %d runs of %d rows -> %s", len(exps), len(summary), out)
     return result
 

@@ -132,3 +132,31 @@ def test_evaluate_reports_the_models_training_time(tmp_path):
     (tmp_path / "model_config.json").write_text(json.dumps({"train_seconds": 61.5, "steps_trained": 1000, "a": 1}))
     assert training_facts(tmp_path) == {"train_seconds": 61.5, "steps_trained": 1000}
     assert training_facts(tmp_path / "missing") == {}
+
+
+def test_samples_montage_reads_each_rows_sample_from_its_experiment(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rendered = tmp_path / "rendered"
+    (rendered / "images").mkdir(parents=True)
+    rows = []
+    for i in range(3):
+        Image.fromarray(np.full((32, 128), 255, np.uint8)).save(rendered / "images" / f"t{i}.png")
+        rows.append({"id": f"t{i}", "markup": "x", "image": f"images/t{i}.png"})
+    (rendered / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    asked = []
+
+    def reader(path, rev):
+        asked.append((path, rev))
+        buf = io.BytesIO()
+        Image.fromarray(np.zeros((32, 128), np.uint8)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    result = study.report(_show(RUNS), tmp_path / "out", rendered=rendered, reader=reader)
+    assert result["samples_columns"] == ["gold", "ddpm", "ss_dm", "fsa", "ccam", "all"]  # seed 0 of each row run
+    assert len(asked) == 3 * 5 and {rev for _, rev in asked} == {"x" * 40}
+    assert {p for p, _ in asked} == {f"eval/math/samples/t{i}.png" for i in range(3)}
+    assert (tmp_path / "out" / "samples.png").stat().st_size > 5_000
