@@ -159,10 +159,12 @@ def queue(
 
 
 def experiments(show: list[dict], domain: str = "math") -> dict[str, dict[str, Any]]:
-    """``{name: {"params": ..., "metrics": ...}}`` of every study experiment in ``dvc exp show --json`` output."""
+    """``{name: {"params", "metrics", "rev"}}`` of every finished study experiment in ``dvc exp show --json``."""
     out: dict[str, dict[str, Any]] = {}
     for commit in show:
         for exp in commit.get("experiments") or []:
+            if (exp.get("executor") or {}).get("state", "success") != "success":
+                continue  # queued / running rows show their baseline's metrics; failed ones have none of their own
             for rev in exp.get("revs") or []:
                 name = rev.get("name") or exp.get("name") or ""
                 data = rev.get("data") or {}
@@ -392,7 +394,8 @@ def samples_montage(
 
 
 def exp_show(cwd: str | Path = ".") -> list[dict]:
-    proc = subprocess.run(["dvc", "exp", "show", "--json"], cwd=cwd, capture_output=True, text=True)
+    # --all-commits: the runs hang off the commit they were queued on, which need not be HEAD any more
+    proc = subprocess.run(["dvc", "exp", "show", "--json", "--all-commits"], cwd=cwd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"error: dvc exp show --json failed: {proc.stderr.strip().splitlines()[-1:]}")
     return json.loads(proc.stdout)

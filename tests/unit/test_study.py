@@ -83,7 +83,10 @@ def _show(runs):
     revs = [{"revs": [_rev(n, d, int(n.rsplit("-s", 1)[1]))], "name": n} for n, d in runs.items()]
     failed = {"revs": [{"rev": "y" * 40, "name": "t23-cdcd-s0", "data": {"metrics": {}}}], "name": "t23-cdcd-s0"}
     other = {"revs": [_rev("probe-s0", 1.0, 0)], "name": "probe-s0"}
-    return [{"rev": "workspace", "experiments": None}, {"rev": "a" * 40, "experiments": [*revs, failed, other]}]
+    running = {"revs": [_rev("t23-fsa_ccam-s0", 1.0, 0)], "name": "t23-fsa_ccam-s0", "executor": {"state": "running"}}
+    revs[0]["executor"] = {"state": "success", "name": "dvc-task"}
+    exps = [*revs, failed, other, running]  # a running row carries its baseline's metrics: not a result
+    return [{"rev": "workspace", "experiments": None}, {"rev": "a" * 40, "experiments": exps}]
 
 
 RUNS = {
@@ -108,6 +111,7 @@ def test_report_means_spreads_and_verdicts(tmp_path):
     assert rows["SS-DM"]["verdict"] == "reversed"
     assert rows["FSA + con_aug + CCAM (all)"]["verdict"] == "one seed: no spread"
     assert rows["CDCD"]["verdict"] == "not run"  # its only run failed: no metrics, not a zero
+    assert rows["FSA + CCAM (our default; not a paper row)"]["verdict"] == "not run"  # still running
     assert rows["+ con_aug"]["verdict"] == "not run" and rows["lambda 0.002"]["verdict"] == "not run"
     assert rows["lambda 0.005"]["verdict"] == "its reference row not run"  # the "all" run, lambda 0 missing
     assert rows["lambda 0"]["verdict"] == "reference, not run"
