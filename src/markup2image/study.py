@@ -383,9 +383,7 @@ def samples_montage(
             ax.set_yticks([])
             if i == 0:
                 ax.set_title(label, fontsize=8)
-    fig.suptitle(
-        f"the same {len(chosen)} test formulas: gold, then each row's sample (training seed {seed})", fontsize=9
-    )
+    fig.suptitle(f"gold, then each row's sample (training seed {seed})", fontsize=9)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
