@@ -27,7 +27,8 @@ from typing import Any
 import yaml
 
 from markup2image.config import Params, params_from_dict
-from markup2image.io import write_json
+from markup2image.evaluation.evaluate import select_test_items
+from markup2image.io import read_jsonl, write_json
 from markup2image.recipes import _value, apply_overrides
 
 log = logging.getLogger(__name__)
@@ -358,9 +359,6 @@ def samples_montage(
     import matplotlib.pyplot as plt
     import numpy as np
     from PIL import Image
-
-    from markup2image.evaluation.evaluate import select_test_items
-    from markup2image.io import read_jsonl
 
     cols = [(k, exps[exp_name(k, seed)]) for k in CONFIG_KEYS if exp_name(k, seed) in exps]
     if not cols:
