@@ -223,12 +223,21 @@ def cmd_recipe(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    """``study queue``: queue the Tables 1-3 runs; ``study report``: read them back into a table and a plot."""
+    """``study run`` / ``study queue``: the Tables 1-3 runs; ``study report``: them as a table and plots."""
     from markup2image import study
 
     domain = args.domain or _params(args.params).domains[0]
     if args.action == "queue":
         study.queue(study.rows_arg(args.rows), args.seeds, domain, args.params, dry_run=args.dry_run)
+        return 0
+    if args.action == "run":
+        done = study.finished(study.experiments(study.exp_show(), domain), args.params)
+        result = study.run(study.rows_arg(args.rows), args.seeds, domain, args.params, jobs=args.jobs, done=done)
+        ran, failed, skipped = (len(result[k]) for k in ("ran", "failed", "skipped"))
+        print(f"study run: {ran} ran, {failed} failed, {skipped} done before")
+        if result["failed"]:
+            print("failed: " + " ".join(result["failed"]), file=sys.stderr)
+            return 1
         return 0
     show = json.loads(Path(args.exp_json).read_text()) if args.exp_json else study.exp_show()
     rendered = Path(args.rendered) if args.rendered else None
@@ -319,8 +328,11 @@ def _add_recipe(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_study(sub: argparse._SubParsersAction) -> None:
-    st = sub.add_parser("study", help="paper Tables 1-3 as a queued dvc exp series (queue) and its results (report)")
-    st.add_argument("action", choices=("queue", "report"))
+    st = sub.add_parser(
+        "study", help="paper Tables 1-3 as a dvc exp series: run it (run, or queue for dvc queue) and report it"
+    )
+    st.add_argument("action", choices=("run", "queue", "report"))
+    st.add_argument("-j", "--jobs", type=int, default=2, help="run: experiments at a time (default 2)")
     st.add_argument("--rows", nargs="+", help="study rows to queue (default: all); see markup2image.study.CONFIGS")
     st.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="train.seed values (default 0 1)")
     st.add_argument("--domain", default=None, help="default: the first of params.yaml domains")

@@ -20,13 +20,15 @@ import logging
 import math
 import shlex
 import subprocess
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
+from tqdm.auto import tqdm
 
-from markup2image.config import Params, params_from_dict
+from markup2image.config import ConfigError, Params, params_from_dict, to_dict
 from markup2image.evaluation.evaluate import select_test_items
 from markup2image.io import read_jsonl, write_json
 from markup2image.recipes import _value, apply_overrides
@@ -129,22 +131,46 @@ def study_params(key: str, seed: int, params_file: str | Path = "params.yaml") -
     return params_from_dict(apply_overrides(base or {}, overrides(key, seed)))
 
 
-def queue_command(key: str, seed: int, domain: str = "math") -> list[str]:
-    """``dvc exp run --queue -n t23-<key>-s<seed> -S k=v ... evaluate@<domain>`` (export is not part of the study)."""
-    cmd = ["dvc", "exp", "run", "--queue", "-n", exp_name(key, seed)]
+def queue_command(key: str, seed: int, domain: str = "math", mode: str = "--queue") -> list[str]:
+    """``dvc exp run --queue -n t23-<key>-s<seed> -S k=v ... evaluate@<domain>`` (export is not part of the study);
+    ``mode="--temp"``: the same run in a temporary folder, in the foreground."""
+    cmd = ["dvc", "exp", "run", mode, "-n", exp_name(key, seed)]
     for k, v in overrides(key, seed).items():
         cmd += ["-S", f"{k}={_value(v)}"]
     return [*cmd, f"evaluate@{domain}"]
+
+
+def finished(exps: dict[str, dict[str, Any]], params_file: str | Path = "params.yaml") -> set[str]:
+    """Names of the finished study experiments whose params are exactly what the run would train with now (a run
+    of an older params.yaml is not reused)."""
+    names = set()
+    for key in CONFIG_KEYS:
+        for name, exp in exps.items():
+            if name.rsplit("-s", 1)[0] != f"{PREFIX}-{key}" or not name.rsplit("-s", 1)[1].isdigit():
+                continue
+            try:
+                same = to_dict(params_from_dict(exp["params"])) == to_dict(
+                    study_params(key, int(name.rsplit("-s", 1)[1]), params_file)
+                )
+            except (ConfigError, TypeError, ValueError):
+                same = False
+            if same:
+                names.add(name)
+    return names
+
+
+def _checked_runs(keys: Sequence[str], seeds: Sequence[int], params_file: str | Path) -> list[tuple[str, int]]:
+    runs = [(k, s) for k in keys for s in seeds]
+    for k, s in runs:
+        study_params(k, s, params_file)  # every run's params before any work
+    return runs
 
 
 def queue(
     keys: Sequence[str], seeds: Sequence[int], domain: str, params_file: str | Path, dry_run: bool = False
 ) -> list[list[str]]:
     """Check every run's params, then queue them (``dry_run``: print the commands only)."""
-    runs = [(k, s) for k in keys for s in seeds]
-    for k, s in runs:
-        study_params(k, s, params_file)
-    cmds = [queue_command(k, s, domain) for k, s in runs]
+    cmds = [queue_command(k, s, domain) for k, s in _checked_runs(keys, seeds, params_file)]
     for cmd in cmds:
         print(shlex.join(cmd))
         if not dry_run:
@@ -154,6 +180,61 @@ def queue(
     if not dry_run:
         print(f"queued {len(cmds)} runs; start them with: dvc queue start -j 2 (then markup2image study report)")
     return cmds
+
+
+def run(
+    keys: Sequence[str],
+    seeds: Sequence[int],
+    domain: str,
+    params_file: str | Path,
+    jobs: int = 2,
+    done: Iterable[str] = (),
+    logs: Path = Path(".dvc") / "tmp" / "study",
+    command: Callable[[str, int, str], list[str]] = lambda k, s, d: queue_command(k, s, d, "--temp"),
+    poll: float = 2.0,
+) -> dict[str, Any]:
+    """Run the study's experiments ``jobs`` at a time, each ``dvc exp run --temp`` (no task queue: DVC's celery
+    workers can die on a half-written broker message and leave the queue waiting, treeverse/dvc#10428).
+
+    Runs named in ``done`` (finished experiments) are skipped, so an interrupted study resumes where it stopped. A
+    failed run gets one line naming it and its log (``logs/<name>.log``); the others go on. Returns the names
+    that ran, failed and were skipped."""
+    if jobs < 1:
+        raise ValueError(f"study run: -j needs at least one job, got {jobs}")
+    done = set(done)
+    runs = _checked_runs(keys, seeds, params_file)
+    todo = [(k, s) for k, s in runs if exp_name(k, s) not in done]
+    logs.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {
+        "ran": [],
+        "failed": [],
+        "skipped": [exp_name(k, s) for k, s in runs if (k, s) not in todo],
+    }
+    active: dict[str, tuple[subprocess.Popen, Any]] = {}
+    with tqdm(total=len(todo), desc="study runs", unit="run") as bar:
+        while todo or active:
+            while todo and len(active) < jobs:
+                key, seed = todo.pop(0)
+                name = exp_name(key, seed)
+                fh = open(logs / f"{name}.log", "w")  # closed when the run ends
+                active[name] = (subprocess.Popen(command(key, seed, domain), stdout=fh, stderr=subprocess.STDOUT), fh)
+                log.info("study: started %s (log: %s)", name, logs / f"{name}.log")
+            time.sleep(poll)
+            for name, (proc, fh) in list(active.items()):
+                if proc.poll() is None:
+                    continue
+                fh.close()
+                del active[name]
+                bar.update(1)
+                if proc.returncode == 0:
+                    result["ran"].append(name)
+                else:
+                    result["failed"].append(name)
+                    log.error(
+                        "%s: dvc exp run failed (exit %d); see %s, fix it and run `markup2image study run` again "
+                        "(finished runs are skipped)", name, proc.returncode, logs / f"{name}.log",
+                    )  # fmt: skip
+    return result
 
 
 # -- report ---------------------------------------------------------------------------------------------------------
@@ -173,7 +254,7 @@ def experiments(show: list[dict], domain: str = "math") -> dict[str, dict[str, A
                 if not name.startswith(f"{PREFIX}-") or not metrics:
                     continue
                 params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
-                out[name] = {"params": params, "metrics": metrics, "rev": rev.get("rev")}
+                out.setdefault(name, {"params": params, "metrics": metrics, "rev": rev.get("rev")})  # newest first
     return out
 
 

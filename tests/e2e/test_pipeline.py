@@ -94,3 +94,27 @@ def test_dvc_repro_then_experiment(workdir: Path):
     assert "Running stage 'render@math'" not in out and "Running stage 'download@math'" not in out
     diff = _run([*dvc, "metrics", "diff", "--all", "--md"], workdir).stdout
     assert "eval/math/metrics.json" in diff and "dtw" in diff
+
+
+@pytest.mark.slow
+def test_study_queue_run_and_report(workdir: Path):
+    """The Tables 1-3 study end to end on the tiny pipeline: run two rows x two seeds two at a time, report; a
+    second `study run` finds them all done."""
+    m2i = [sys.executable, "-m", "markup2image.cli"]
+    out = _run([*m2i, "study", "run", "--rows", "ddpm", "fsa", "--seeds", "0", "1", "-j", "2"], workdir).stdout
+    assert "4 ran, 0 failed, 0 done before" in out
+    again = _run([*m2i, "study", "run", "--rows", "ddpm", "fsa", "--seeds", "0", "1"], workdir).stdout
+    assert "0 ran, 0 failed, 4 done before" in again
+    _run([sys.executable, "-m", "dvc", "repro", "render@math"], workdir)  # the golds beside the samples
+    out = _run([*m2i, "study", "report", "--out", "study", "--rendered", "data/rendered/math"], workdir).stdout
+    result = json.loads((workdir / "study/results.json").read_text())
+    assert result["runs"] == ["t23-ddpm-s0", "t23-ddpm-s1", "t23-fsa-s0", "t23-fsa-s1"], out
+    rows = {r["config"]: r for r in result["rows"]}
+    dtw = rows["ddpm"]["metrics"]["dtw"]
+    assert dtw["n"] == 2 and dtw["values"][0] != dtw["values"][1]  # two seeds, two models
+    assert rows["fsa"]["seeds"] == [0, 1] and rows["fsa"]["se"] is not None
+    assert rows["cdcd"]["verdict"] == "not run"
+    assert rows["fsa"]["metrics"]["train_seconds"]["n"] == 2  # evaluate wrote each run's training time
+    assert result["samples_columns"] == ["gold", "ddpm", "fsa"]
+    for name in ("results.md", "results.png", "samples.png"):
+        assert (workdir / "study" / name).stat().st_size > 500, name

@@ -164,3 +164,36 @@ def test_samples_montage_reads_each_rows_sample_from_its_experiment(tmp_path):
     assert len(asked) == 3 * 5 and {rev for _, rev in asked} == {"x" * 40}
     assert {p for p, _ in asked} == {f"eval/math/samples/t{i}.png" for i in range(3)}
     assert (tmp_path / "out" / "samples.png").stat().st_size > 5_000
+
+
+def test_run_skips_finished_runs_names_failures_and_goes_on(tmp_path, caplog):
+    import sys
+
+    def command(key, seed, domain):  # a stand-in for `dvc exp run --temp`: ss_dm fails, the rest succeed
+        code = 3 if key == "ss_dm" else 0
+        return [sys.executable, "-c", f"print('{key} {seed} {domain}'); raise SystemExit({code})"]
+
+    done = {"t23-ddpm-s0"}
+    result = study.run(["ddpm", "ss_dm", "fsa"], [0, 1], "math", PARAMS, jobs=2, done=done, logs=tmp_path,
+                       command=command, poll=0.05)  # fmt: skip
+    assert result["skipped"] == ["t23-ddpm-s0"]
+    assert sorted(result["ran"]) == ["t23-ddpm-s1", "t23-fsa-s0", "t23-fsa-s1"]
+    assert sorted(result["failed"]) == ["t23-ss_dm-s0", "t23-ss_dm-s1"]
+    assert len(result["ran"]) + len(result["failed"]) + len(result["skipped"]) == 6  # counts add up
+    assert (tmp_path / "t23-fsa-s1.log").read_text().strip() == "fsa 1 math"
+    failed_lines = [r.getMessage() for r in caplog.records if "t23-ss_dm-s0" in r.getMessage()]
+    assert len(failed_lines) == 1 and "exit 3" in failed_lines[0] and "t23-ss_dm-s0.log" in failed_lines[0]
+
+
+def test_finished_reuses_only_runs_of_the_current_params(tmp_path):
+    import yaml
+
+    raw = yaml.safe_load(PARAMS.read_text())
+    current = study.apply_overrides(raw, study.overrides("ddpm", 0))
+    older = study.apply_overrides(current, {"train.steps": 17})  # an earlier study's budget
+    exps = {
+        "t23-ddpm-s0": {"params": current, "metrics": {}, "rev": "a"},
+        "t23-ddpm-s1": {"params": older, "metrics": {}, "rev": "b"},
+        "t23-fsa-s0": {"params": {"train": {"lr": "fast"}}, "metrics": {}, "rev": "c"},
+    }
+    assert study.finished(exps, PARAMS) == {"t23-ddpm-s0"}
