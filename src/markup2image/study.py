@@ -133,8 +133,10 @@ def study_params(key: str, seed: int, params_file: str | Path = "params.yaml") -
 
 def queue_command(key: str, seed: int, domain: str = "math", mode: str = "--queue") -> list[str]:
     """``dvc exp run --queue -n t23-<key>-s<seed> -S k=v ... evaluate@<domain>`` (export is not part of the study);
-    ``mode="--temp"``: the same run in a temporary folder, in the foreground."""
-    cmd = ["dvc", "exp", "run", mode, "-n", exp_name(key, seed)]
+    ``mode="--temp"``: the same run in a temporary folder, in the foreground, waiting for DVC's repository lock
+    (two runs that start or finish together both need it: without the wait one fails "Unable to acquire lock")."""
+    dvc = ["dvc", "--wait-for-lock"] if mode == "--temp" else ["dvc"]
+    cmd = [*dvc, "exp", "run", mode, "-n", exp_name(key, seed)]
     for k, v in overrides(key, seed).items():
         cmd += ["-S", f"{k}={_value(v)}"]
     return [*cmd, f"evaluate@{domain}"]

@@ -56,6 +56,8 @@ def test_queue_command_is_a_named_dvc_exp_up_to_evaluate():
     sets = [cmd[i + 1] for i, a in enumerate(cmd) if a == "-S"]
     assert "model.ccam=true" in sets and "model.fsa=false" in sets and "train.seed=1" in sets
     assert 'train.objective="fsa_cdm"' in sets  # JSON-quoted: DVC's parser keeps it a string
+    temp = study.queue_command("ccam", 1, mode="--temp")
+    assert temp[:6] == ["dvc", "--wait-for-lock", "exp", "run", "--temp", "-n"]  # two at a time share one lock
 
 
 def test_queue_checks_params_before_queueing_anything(tmp_path, capsys):
