@@ -282,8 +282,17 @@ def summarize(exps: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 stats[m] = _stats(vals)
         ratio = [float(e["metrics"]["dtw"]) / float(e["metrics"]["blank_dtw"]) for e in runs.values()]
         stats["dtw_over_blank"] = _stats(ratio)
-        out[key] = {"seeds": seeds, "metrics": stats}
+        dtw_by_seed = {int(n.rsplit("-s", 1)[1]): float(e["metrics"]["dtw"]) for n, e in runs.items()}
+        out[key] = {"seeds": seeds, "metrics": stats, "dtw_by_seed": dtw_by_seed}
     return out
+
+
+def per_seed_change(ours: dict, ref: dict) -> dict[int, float]:
+    """DTW change against the reference run of the same training seed (same initialisation, batches and noise):
+    shown beside the verdict, which stays the unpaired one (two seeds give a paired spread of one degree of
+    freedom)."""
+    a, b = ours.get("dtw_by_seed", {}), ref.get("dtw_by_seed", {})
+    return {s: (a[s] - b[s]) / b[s] for s in sorted(set(a) & set(b))}
 
 
 def verdict(ours: dict | None, ref: dict | None, paper: float | None, paper_ref: float | None) -> dict[str, Any]:
@@ -323,6 +332,7 @@ def report_rows(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         row["metrics"] = ours["metrics"] if ours else {}
         if ln.reference:
             row |= verdict(ours, ref, ln.paper_dtw, paper_ref)
+            row["per_seed_change"] = per_seed_change(ours, ref) if ours and ref else {}
         else:
             row["verdict"] = "reference" if ours else "reference, not run"
         rows.append(row)
@@ -342,8 +352,8 @@ def _pct(x: float | None) -> str:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     head = "| table | row | seeds | DTW | DTW / blank | DTW-TI | RMSE | SSIM | edit acc | edit acc (ink cols) |"
-    head += " markup use | train min | paper DTW | paper change | our change (± SE) | verdict |"
-    lines = [head, "|" + " --- |" * 16]
+    head += " markup use | train min | paper DTW | paper change | our change (± SE) | per seed | verdict |"
+    lines = [head, "|" + " --- |" * 17]
     for r in rows:
         m = r["metrics"]
         train = m.get("train_seconds")
@@ -355,7 +365,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             _ms(m.get("ssim"), "{:.3f}"), _ms(m.get("edit_accuracy"), "{:.3f}"),
             _ms(m.get("edit_accuracy_nonblank"), "{:.3f}"), _ms(m.get("markup_use")),
             _ms(train_min, "{:.1f}"), "-" if r["paper_dtw"] is None else f"{r['paper_dtw']:.2f}",
-            _pct(r.get("paper_change")), change if r.get("change") is not None else "-", r["verdict"],
+            _pct(r.get("paper_change")), change if r.get("change") is not None else "-",
+            " / ".join(f"{100 * v:+.1f}" for v in (r.get("per_seed_change") or {}).values()) or "-", r["verdict"],
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

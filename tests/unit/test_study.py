@@ -109,6 +109,7 @@ def test_report_means_spreads_and_verdicts(tmp_path):
     assert fsa["change"] == pytest.approx((9.05 - 10.1) / 10.1)
     assert fsa["paper_change"] == pytest.approx((18.54 - 19.12) / 19.12)
     assert fsa["verdict"] == "reproduces"
+    assert fsa["per_seed_change"] == pytest.approx({0: -0.1, 1: (9.1 - 10.2) / 10.2})  # against the same seed
     assert rows["+ CCAM"]["verdict"] == "within seed noise (same sign)"
     assert rows["SS-DM"]["verdict"] == "reversed"
     assert rows["FSA + con_aug + CCAM (all)"]["verdict"] == "one seed: no spread"
