@@ -231,7 +231,8 @@ def cmd_study(args: argparse.Namespace) -> int:
         study.queue(study.rows_arg(args.rows), args.seeds, domain, args.params, dry_run=args.dry_run)
         return 0
     if args.action == "run":
-        done = study.finished(study.experiments(study.exp_show(), domain), args.params)
+        runs = study.saved_runs(Path(args.out)) | study.experiments(study.exp_show(), domain)
+        done = study.finished(runs, args.params)
         result = study.run(study.rows_arg(args.rows), args.seeds, domain, args.params, jobs=args.jobs, done=done)
         ran, failed, skipped = (len(result[k]) for k in ("ran", "failed", "skipped"))
         print(f"study run: {ran} ran, {failed} failed, {skipped} done before")
@@ -338,7 +339,9 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--domain", default=None, help="default: the first of params.yaml domains")
     st.add_argument("--dry-run", action="store_true", help="queue: print the dvc commands without queueing them")
     st.add_argument("--exp-json", default=None, help="report: a saved `dvc exp show --json` (default: run it)")
-    st.add_argument("--out", default="docs/study", help="report: folder for results.{json,md,png}")
+    st.add_argument(
+        "--out", default="docs/study", help="results.{json,md,png}; its runs.json: runs kept from earlier reports"
+    )
     st.add_argument("--rendered", default=None, help="report: the rendered split (data/rendered/math): samples.png")
     st.set_defaults(fn=cmd_study)
 

@@ -466,8 +466,13 @@ def samples_montage(
         gold = Image.open(Path(rendered) / row["image"]).convert("L")
         panels = [("gold", gold)]
         for key, exp in cols:
-            data = reader(f"eval/{domain}/samples/{row['id']}.png", exp["rev"])
-            panels.append((key, Image.open(io.BytesIO(data)).convert("L")))
+            try:
+                data = reader(f"eval/{domain}/samples/{row['id']}.png", exp["rev"])
+            except Exception as exc:  # noqa: BLE001 (a run from another machine: its outputs are not in this cache)
+                log.warning("samples.png: %s's sample of %s not readable here (%s); left blank", key, row["id"], exc)
+                data = None
+            img = Image.open(io.BytesIO(data)).convert("L") if data else Image.new("L", gold.size, 255)
+            panels.append((key, img))
         for j, (label, img) in enumerate(panels):
             ax = axes[i, j]
             ax.imshow(np.asarray(img), cmap="gray", vmin=0, vmax=255)
@@ -491,6 +496,22 @@ def exp_show(cwd: str | Path = ".") -> list[dict]:
     return json.loads(proc.stdout)
 
 
+RUNS_FILE = "runs.json"
+
+
+def saved_runs(out: Path) -> dict[str, dict[str, Any]]:
+    """The runs an earlier report kept in ``out/runs.json`` (committed with the results, so a study can be finished
+    on another machine or session: their params and metrics count, their samples stay where they ran)."""
+    path = Path(out) / RUNS_FILE
+    if not path.exists():
+        return {}
+    try:
+        runs = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{path}: not a runs file ({exc}); move it away to report the live experiments only") from exc
+    return {n: r for n, r in runs.items() if isinstance(r, dict) and {"params", "metrics"} <= set(r)}
+
+
 def report(
     show: list[dict],
     out: Path,
@@ -498,9 +519,10 @@ def report(
     rendered: Path | None = None,
     reader: Callable[[str, str], bytes] = dvc_read,
 ) -> dict[str, Any]:
-    """Write ``results.json``, ``results.md`` and ``results.png`` into ``out`` (with ``rendered``, the test split's
-    folder, also ``samples.png``: gold beside every row's sample); return the JSON."""
-    exps = experiments(show, domain)
+    """Write ``results.json``, ``results.md``, ``results.png`` and ``runs.json`` into ``out`` (with ``rendered``, the
+    test split's folder, also ``samples.png``: gold beside every row's sample); return the JSON. Runs kept in
+    ``out/runs.json`` by an earlier report count too; a live experiment of the same name replaces its saved run."""
+    exps = saved_runs(out) | experiments(show, domain)
     summary = summarize(exps)
     rows = report_rows(summary)
     core_s = 0.0
@@ -515,6 +537,7 @@ def report(
         "rule": "verdict: sign of our DTW change vs the paper's; resolved when |change| > 2 SE over seeds",
     }
     out.mkdir(parents=True, exist_ok=True)
+    write_json(out / RUNS_FILE, dict(sorted(exps.items())))
     write_json(out / "results.json", result)
     (out / "results.md").write_text(markdown(rows))
     plot(rows, out / "results.png")

@@ -200,3 +200,16 @@ def test_finished_reuses_only_runs_of_the_current_params(tmp_path):
         "t23-fsa-s0": {"params": {"train": {"lr": "fast"}}, "metrics": {}, "rev": "c"},
     }
     assert study.finished(exps, PARAMS) == {"t23-ddpm-s0"}
+
+
+def test_a_later_report_keeps_the_runs_of_an_earlier_one(tmp_path):
+    first = study.report(_show(RUNS), tmp_path)
+    later = study.report([{"rev": "workspace", "experiments": None}], tmp_path)  # another machine: no live runs
+    assert later["runs"] == first["runs"] and later["rows"][1]["verdict"] == "reproduces"
+    newer = {"t23-ddpm-s0": 10.0, "t23-ddpm-s1": 10.2, "t23-fsa-s0": 10.1, "t23-fsa-s1": 10.1}
+    again = study.report(_show(newer), tmp_path)  # live experiments replace saved runs of the same name
+    rows = {r["config"]: r for r in again["rows"]}
+    assert rows["fsa"]["metrics"]["dtw"]["mean"] == pytest.approx(10.1) and rows["ss_dm"]["seeds"] == [0, 1]
+    (tmp_path / "runs.json").write_text("{not json")
+    with pytest.raises(ValueError, match="runs.json: not a runs file"):
+        study.report(_show(newer), tmp_path)
