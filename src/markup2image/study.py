@@ -1,12 +1,13 @@
-"""The paper's Tables 1-3 as a queued ``dvc exp`` series, and the report that reads it back.
+"""The paper's Tables 1-3 as a series of named ``dvc exp`` runs, and the report that reads them back.
 
-``markup2image study queue`` queues one ``dvc exp run --queue -n t23-<row>-s<seed> -S ... evaluate@<domain>`` per
-row and seed on the corpus and budget of ``params.yaml`` (every row trains the same optimizer steps; only the
-method switches and, for Table 3, ``lambda`` differ); ``dvc queue start -j 2`` runs them two side by side, each on
-one process (``train.num_processes=1``). ``markup2image study report`` reads ``dvc exp show --json`` and writes
-``results.json``, ``results.md`` and ``results.png``: per row the mean and spread over seeds of DTW, DTW-TI, RMSE,
-SSIM, im2markup edit accuracy and markup use, the training time, the paper's DTW beside it and a verdict on
-whether the paper's direction (the row against its reference row) reproduces.
+``markup2image study run -j 2`` runs one experiment ``t23-<row>-s<seed>`` per row and seed on the corpus and
+budget of ``params.yaml`` (every row trains the same optimizer steps; only the method switches and, for Table 3,
+``lambda`` differ), each as ``dvc exp run --temp ... evaluate@<domain>`` on one process, two at a time;
+``study queue`` puts the same runs on DVC's task queue instead. ``markup2image study report`` reads ``dvc exp show
+--json`` (and the runs an earlier report kept in ``runs.json``) and writes ``results.json``, ``results.md`` and
+``results.png``: per row the mean and spread over seeds of DTW, DTW-TI, RMSE, SSIM, im2markup edit accuracy and
+markup use, the training time, the paper's DTW beside it and a verdict on whether the paper's direction (the row
+against its reference row) reproduces.
 
 The verdict compares signs of the change against the reference row, ours (``mean - mean_ref``) and the paper's;
 it calls a change resolved when it exceeds twice its standard error over seeds (``sqrt(s^2/n + s_ref^2/n_ref)``).
@@ -36,8 +37,7 @@ from markup2image.recipes import _value, apply_overrides
 log = logging.getLogger(__name__)
 
 PREFIX = "t23"
-SEEDS = (0, 1)
-# every study run: one process, so `dvc queue start -j 2` keeps two runs on two cores
+# every study run: one process, so two side by side (`study run -j 2`) keep two cores busy
 COMMON = {"train.num_processes": 1}
 PARTS_OFF = {"model.fsa": False, "model.con_aug": False, "model.ccam": False}
 # eq. 10 as printed: the InfoNCE term at weight 1 wherever con_aug exists (the paper recipes do the same)
