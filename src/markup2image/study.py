@@ -119,6 +119,15 @@ def exp_name(key: str, seed: int) -> str:
     return f"{PREFIX}-{key}-s{seed}"
 
 
+def parse_name(name: str) -> tuple[str, int] | None:
+    """``(row, seed)`` of a study experiment's name ``t23-<row>-s<seed>``; None for any other name."""
+    head, sep, seed = name.rpartition("-s")
+    key = head.removeprefix(f"{PREFIX}-")
+    if not sep or key == head or key not in CONFIG_KEYS or not seed.isdigit():
+        return None
+    return key, int(seed)
+
+
 def overrides(key: str, seed: int) -> dict[str, Any]:
     """The dotted ``params.yaml`` overrides of one study run."""
     return {**COMMON, **config(key).set, "train.seed": seed}
@@ -146,18 +155,16 @@ def finished(exps: dict[str, dict[str, Any]], params_file: str | Path = "params.
     """Names of the finished study experiments whose params are exactly what the run would train with now (a run
     of an older params.yaml is not reused)."""
     names = set()
-    for key in CONFIG_KEYS:
-        for name, exp in exps.items():
-            if name.rsplit("-s", 1)[0] != f"{PREFIX}-{key}" or not name.rsplit("-s", 1)[1].isdigit():
-                continue
-            try:
-                same = to_dict(params_from_dict(exp["params"])) == to_dict(
-                    study_params(key, int(name.rsplit("-s", 1)[1]), params_file)
-                )
-            except (ConfigError, TypeError, ValueError):
-                same = False
-            if same:
-                names.add(name)
+    for name, exp in exps.items():
+        parsed = parse_name(name)
+        if parsed is None:
+            continue
+        try:
+            same = to_dict(params_from_dict(exp["params"])) == to_dict(study_params(*parsed, params_file))
+        except (ConfigError, TypeError, ValueError):
+            same = False
+        if same:
+            names.add(name)
     return names
 
 
@@ -172,13 +179,14 @@ def queue(
     keys: Sequence[str], seeds: Sequence[int], domain: str, params_file: str | Path, dry_run: bool = False
 ) -> list[list[str]]:
     """Check every run's params, then queue them (``dry_run``: print the commands only)."""
-    cmds = [queue_command(k, s, domain) for k, s in _checked_runs(keys, seeds, params_file)]
-    for cmd in cmds:
+    runs = _checked_runs(keys, seeds, params_file)
+    cmds = [queue_command(k, s, domain) for k, s in runs]
+    for (key, seed), cmd in zip(runs, cmds):
         print(shlex.join(cmd))
         if not dry_run:
             proc = subprocess.run(cmd)
             if proc.returncode != 0:
-                raise SystemExit(f"error: {cmd[5]}: dvc exp run --queue failed (exit {proc.returncode})")
+                raise SystemExit(f"error: {exp_name(key, seed)}: dvc exp run --queue failed (exit {proc.returncode})")
     if not dry_run:
         print(f"queued {len(cmds)} runs; start them with: dvc queue start -j 2 (then markup2image study report)")
     return cmds
@@ -271,10 +279,10 @@ def summarize(exps: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per configuration: the seeds found and mean / sd / n of each metric over them."""
     out: dict[str, dict[str, Any]] = {}
     for key in CONFIG_KEYS:
-        runs = {n: e for n, e in exps.items() if n.rsplit("-s", 1)[0] == f"{PREFIX}-{key}"}
+        runs = dict(sorted((p[1], e) for n, e in exps.items() if (p := parse_name(n)) and p[0] == key))  # by seed
         if not runs:
             continue
-        seeds = sorted(int(n.rsplit("-s", 1)[1]) for n in runs)
+        seeds = sorted(runs)
         stats = {}
         for m in METRIC_KEYS:
             vals = [float(e["metrics"][m]) for e in runs.values() if isinstance(e["metrics"].get(m), (int, float))]
@@ -282,7 +290,7 @@ def summarize(exps: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 stats[m] = _stats(vals)
         ratio = [float(e["metrics"]["dtw"]) / float(e["metrics"]["blank_dtw"]) for e in runs.values()]
         stats["dtw_over_blank"] = _stats(ratio)
-        dtw_by_seed = {int(n.rsplit("-s", 1)[1]): float(e["metrics"]["dtw"]) for n, e in runs.items()}
+        dtw_by_seed = {seed: float(e["metrics"]["dtw"]) for seed, e in runs.items()}
         out[key] = {"seeds": seeds, "metrics": stats, "dtw_by_seed": dtw_by_seed}
     return out
 
@@ -538,12 +546,11 @@ def report(
     }
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / RUNS_FILE, dict(sorted(exps.items())))
-    write_json(out / "results.json", result)
     (out / "results.md").write_text(markdown(rows))
     plot(rows, out / "results.png")
     if rendered is not None:
         result["samples_columns"] = samples_montage(exps, rendered, out / "samples.png", domain, reader=reader)
-        write_json(out / "results.json", result)
+    write_json(out / "results.json", result)
     log.info("study: %d runs of %d rows -> %s", len(exps), len(summary), out)
     return result
 
