@@ -442,6 +442,25 @@ def dvc_read(path: str, rev: str) -> bytes:
     return dvc.api.read(path, rev=rev, mode="rb")
 
 
+def _sample_bytes(
+    name: str, exp: dict[str, Any], path: str, kept: Path | None, reader: Callable[[str, str], bytes]
+) -> bytes | None:
+    """One evaluated sample of experiment ``name``: from ``kept/<name>/`` (samples a report saved, so a later
+    session or machine can still draw them), else from the experiment's DVC outputs (then saved into ``kept``)."""
+    copy = kept / name / Path(path).name if kept is not None else None
+    if copy is not None and copy.exists():
+        return copy.read_bytes()
+    try:
+        data = reader(path, exp["rev"])
+    except Exception as exc:  # noqa: BLE001 (a run from another machine: its outputs are not in this cache)
+        log.warning("samples.png: %s of %s not readable here (%s)", Path(path).name, name, exc)
+        return None
+    if copy is not None:
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_bytes(data)
+    return data
+
+
 def samples_montage(
     exps: dict[str, dict[str, Any]],
     rendered: Path,
@@ -450,9 +469,12 @@ def samples_montage(
     items: int = 8,
     seed: int = 0,
     reader: Callable[[str, str], bytes] = dvc_read,
-) -> list[str]:
+    kept: Path | None = None,
+) -> dict[str, list[str]]:
     """One picture: the first ``items`` evaluated test items (rows), gold then each configuration's sample for
-    training seed ``seed`` (columns), read from each experiment's DVC outputs. Returns the column labels."""
+    training seed ``seed`` (columns), read from ``kept`` or each experiment's DVC outputs (:func:`_sample_bytes`).
+    A configuration none of whose samples can be read is left out and named in the title. Returns the column labels
+    (``columns``) and the configurations left out (``missing``)."""
     import io
 
     import matplotlib
@@ -462,24 +484,26 @@ def samples_montage(
     import numpy as np
     from PIL import Image
 
-    cols = [(k, exps[exp_name(k, seed)]) for k in CONFIG_KEYS if exp_name(k, seed) in exps]
-    if not cols:
-        return []
-    evaluate_params = cols[0][1]["params"].get("evaluate", {})
+    runs = [(k, exp_name(k, seed)) for k in CONFIG_KEYS if exp_name(k, seed) in exps]
+    if not runs:
+        return {"columns": [], "missing": []}
+    evaluate_params = exps[runs[0][1]]["params"].get("evaluate", {})
     test = read_jsonl(Path(rendered) / "test.jsonl")
     chosen = select_test_items(test, evaluate_params.get("num_samples", 64), evaluate_params.get("seed", 42))[:items]
-    fig, axes = plt.subplots(len(chosen), len(cols) + 1, figsize=(1.9 * (len(cols) + 1), 0.62 * len(chosen) + 0.6))
+    cols, missing = [], []
+    for key, name in runs:
+        data = [_sample_bytes(name, exps[name], f"eval/{domain}/samples/{r['id']}.png", kept, reader) for r in chosen]
+        if any(d is not None for d in data):
+            cols.append((key, data))
+        else:
+            missing.append(key)
+    fig, axes = plt.subplots(len(chosen), len(cols) + 1, figsize=(1.9 * (len(cols) + 1), 0.62 * len(chosen) + 0.9))
     axes = np.atleast_2d(axes)
     for i, row in enumerate(chosen):
         gold = Image.open(Path(rendered) / row["image"]).convert("L")
         panels = [("gold", gold)]
-        for key, exp in cols:
-            try:
-                data = reader(f"eval/{domain}/samples/{row['id']}.png", exp["rev"])
-            except Exception as exc:  # noqa: BLE001 (a run from another machine: its outputs are not in this cache)
-                log.warning("samples.png: %s's sample of %s not readable here (%s); left blank", key, row["id"], exc)
-                data = None
-            img = Image.open(io.BytesIO(data)).convert("L") if data else Image.new("L", gold.size, 255)
+        for key, data in cols:
+            img = Image.open(io.BytesIO(data[i])).convert("L") if data[i] else Image.new("L", gold.size, 255)
             panels.append((key, img))
         for j, (label, img) in enumerate(panels):
             ax = axes[i, j]
@@ -488,12 +512,15 @@ def samples_montage(
             ax.set_yticks([])
             if i == 0:
                 ax.set_title(label, fontsize=8)
-    fig.suptitle(f"gold, then each row's sample (training seed {seed})", fontsize=9)
+    title = f"gold, then each row's sample (training seed {seed})"
+    if missing:
+        title += f"\nsamples not kept (runs from before samples were saved): {', '.join(missing)}"
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
-    return ["gold", *(k for k, _ in cols)]
+    return {"columns": ["gold", *(k for k, _ in cols)], "missing": missing}
 
 
 def exp_show(cwd: str | Path = ".") -> list[dict]:
@@ -505,6 +532,7 @@ def exp_show(cwd: str | Path = ".") -> list[dict]:
 
 
 RUNS_FILE = "runs.json"
+SAMPLES_DIR = "samples"  # out/samples/<experiment>/<test id>.png: the montage's samples, kept with the results
 
 
 def saved_runs(out: Path) -> dict[str, dict[str, Any]]:
@@ -549,7 +577,8 @@ def report(
     (out / "results.md").write_text(markdown(rows))
     plot(rows, out / "results.png")
     if rendered is not None:
-        result["samples_columns"] = samples_montage(exps, rendered, out / "samples.png", domain, reader=reader)
+        montage = samples_montage(exps, rendered, out / "samples.png", domain, reader=reader, kept=out / SAMPLES_DIR)
+        result["samples_columns"], result["samples_missing"] = montage["columns"], montage["missing"]
     write_json(out / "results.json", result)
     log.info("study: %d runs of %d rows -> %s", len(exps), len(summary), out)
     return result

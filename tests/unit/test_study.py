@@ -164,9 +164,25 @@ def test_samples_montage_reads_each_rows_sample_from_its_experiment(tmp_path):
 
     result = study.report(_show(RUNS), tmp_path / "out", rendered=rendered, reader=reader)
     assert result["samples_columns"] == ["gold", "ddpm", "ss_dm", "fsa", "ccam", "all"]  # seed 0 of each row run
+    assert result["samples_missing"] == []
     assert len(asked) == 3 * 5 and {rev for _, rev in asked} == {"x" * 40}
     assert {p for p, _ in asked} == {f"eval/math/samples/t{i}.png" for i in range(3)}
     assert (tmp_path / "out" / "samples.png").stat().st_size > 5_000
+    kept = tmp_path / "out" / "samples"
+    assert sorted(p.name for p in (kept / "t23-fsa-s0").iterdir()) == ["t0.png", "t1.png", "t2.png"]
+
+    # another session: the experiments' outputs are gone, the kept samples still draw the montage; a run whose
+    # samples were never kept is left out and named, not drawn blank
+    (kept / "t23-ss_dm-s0").rename(tmp_path / "gone")
+
+    def nothing(path, rev):
+        raise FileNotFoundError(path)
+
+    again = study.report(
+        [{"rev": "workspace", "experiments": None}], tmp_path / "out", rendered=rendered, reader=nothing
+    )
+    assert again["samples_columns"] == ["gold", "ddpm", "fsa", "ccam", "all"]
+    assert again["samples_missing"] == ["ss_dm"]
 
 
 def test_run_skips_finished_runs_names_failures_and_goes_on(tmp_path, caplog):
