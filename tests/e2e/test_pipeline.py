@@ -115,6 +115,8 @@ def test_study_queue_run_and_report(workdir: Path):
     assert rows["fsa"]["seeds"] == [0, 1] and rows["fsa"]["se"] is not None
     assert rows["cdcd"]["verdict"] == "not run"
     assert rows["fsa"]["metrics"]["train_seconds"]["n"] == 2  # evaluate wrote each run's training time
-    assert result["samples_columns"] == ["gold", "ddpm", "fsa"]
+    assert result["samples_columns"] == ["gold", "ddpm", "fsa"] and result["samples_missing"] == []
+    kept = sorted(p.name for p in (workdir / "study/samples/t23-fsa-s0").iterdir())  # read from the exp's outputs
+    assert kept and all(name.endswith(".png") for name in kept), kept
     for name in ("results.md", "results.png", "samples.png"):
         assert (workdir / "study" / name).stat().st_size > 500, name

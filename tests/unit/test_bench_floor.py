@@ -50,6 +50,11 @@ def test_ratios_read_as_the_metrics_define_them(tmp_path):
     assert rows["down 1 row"]["dtw_over_blank"] > 0.5 and rows["down 1 row"]["dtw_ti"] == 0
     assert rows["down 2 rows"]["dtw"] > rows["down 1 row"]["dtw"]
     assert 0 < rows["30% of ink erased"]["dtw_over_blank"] < 1
+    # con_aug's positive view: always moved 1-2 columns, a row up or down two times in three, so it costs DTW but
+    # never a blank page's worth; deterministic under the seed
+    pos = rows["con_aug positive"]
+    assert 0 < pos["dtw_over_blank"] < 1 and pos["ssim"] < 1
+    assert bench_floor(tmp_path, num_samples=0)["rows"] == result["rows"]
 
 
 def test_cli_writes_the_json_with_the_host_record(tmp_path):

@@ -4,7 +4,11 @@ A model's DTW is read against the blank page (``dtw / blank_dtw``). This bench s
 test items, copies of each gold image that a good generator could plausibly draw (moved by one or two rows or
 columns, blurred, partly erased, a row thicker), so the ratio a model reaches can be read against what a
 pixel-perfect but slightly misplaced rendering reaches at the same geometry. Shifts fill with white; nothing is
-wrapped around. Every perturbation is deterministic (``--seed`` drives the erasure).
+wrapped around. Every perturbation is deterministic (``--seed`` drives the erasure and the positive view).
+
+``con_aug positive`` is the view ``y0'`` that FSA-CDM's contrast-augmented objective trains the denoiser to draw
+for the same markup (:func:`~markup2image.diffusion.objectives.augment_positive`): what that extra target scores
+against the gold tells how far it pulls a model from row-exact strokes at this geometry.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ from typing import Any
 
 import cv2
 import numpy as np
+import torch
 
 from markup2image.config import Params
+from markup2image.diffusion.objectives import augment_positive
 from markup2image.evaluation.evaluate import select_test_items
 from markup2image.evaluation.metrics import INK_THRESHOLD, WHITE, dtw_distance, dtw_ti_distance, shifted, ssim
 from markup2image.io import load_image, read_jsonl
@@ -31,6 +37,13 @@ def perturbations(seed: int) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
         out[(img < INK_THRESHOLD) & (rng.random(img.shape) < fraction)] = WHITE
         return out
 
+    generator = torch.Generator().manual_seed(seed)
+
+    def positive(img: np.ndarray) -> np.ndarray:
+        y0 = torch.from_numpy(img.astype(np.float32) / 127.5 - 1.0)[None, None]  # (1, 1, H, W) in [-1, 1]
+        view = augment_positive(y0, generator)[0, 0].numpy()
+        return np.clip(np.round((view + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
     return {
         "gold": lambda g: g,
         "down 1 row": lambda g: shifted(g, rows=1),
@@ -41,6 +54,7 @@ def perturbations(seed: int) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
         "blur sigma 1": lambda g: cv2.GaussianBlur(g, (0, 0), 1.0),
         "30% of ink erased": erase,
         "one row thicker": lambda g: np.minimum(g, shifted(g, rows=1)),
+        "con_aug positive": positive,
         "blank": lambda g: np.full_like(g, WHITE),
     }
 
