@@ -123,6 +123,12 @@ def test_report_means_spreads_and_verdicts(tmp_path):
     assert rows["+ FSA"]["metrics"]["dtw_over_blank"]["mean"] == pytest.approx(9.05 / 20)
     md = (tmp_path / "results.md").read_text()
     assert "| Table 2 | + FSA | 0,1 | 9.05 ± 0.07 |" in md and "18.54" in md
+    assert md.startswith(f"# The paper's Tables 1-3 at CPU scale: {len(RUNS)} runs, 1.5 core-hours")
+    summary = md.split("## Every metric")[0]
+    fsa_line = next(line for line in summary.splitlines() if "| + FSA |" in line)
+    assert fsa_line.startswith("| Table 2 | + FSA | 0,1 | 0.453 ± 0.004 |")
+    assert "| -3.0 % | -10.4 % ± 1.1 |" in fsa_line
+    assert fsa_line.endswith("| -10.0 / -10.8 | reproduces |")
     assert json.loads((tmp_path / "results.json").read_text())["rows"][1]["verdict"] == "reproduces"
     assert (tmp_path / "results.png").stat().st_size > 10_000
 
