@@ -204,6 +204,34 @@ def test_fsa_cdm_composition_and_one_batched_unet_call():
     assert terms["negatives_valid"] == 1.0  # keys 1,1,2,3: every item has a different-markup image
 
 
+def test_fsa_cdm_at_lambda_zero_skips_the_negatives_it_would_not_read():
+    """Table 3's lambda 0 with ``other_items`` InfoNCE: no term reads the K negatives, so only anchor and positive
+    run (2B, not (K+2)B), with the same loss and gradients as the full call (its negatives' draws come last from the
+    step's own generator, so anchor and positive see the same randomness)."""
+    model = _model(fsa=True, con_aug=True, ccam=True)
+    base = dataclasses.replace(_params(model, num_negatives=3), infonce_weight=1.0)
+    calls = []
+    model.unet.register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape[0]))
+    results = {}
+    for lam in (0.0, 1e-30):  # 1e-30: the full call, its EUBO term numerically nothing
+        model.zero_grad()
+        loss, terms = get_objective("fsa_cdm")(
+            model, _batch(b=4, keys=[1, 2, 3, 4]), SCHED, dataclasses.replace(base, lambda_=lam), 0
+        )
+        loss.backward()
+        results[lam] = (loss.item(), terms, [p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert calls == [4 * 2, 4 * (3 + 2)]
+    (fast, fast_terms, fast_grads), (full, full_terms, full_grads) = results[0.0], results[1e-30]
+    assert "loss_eubo" not in fast_terms and "loss_eubo" in full_terms  # not computed, so not logged as a number
+    assert math.isclose(fast, full, rel_tol=1e-5)
+    assert fast_terms["loss_infonce"] == pytest.approx(full_terms["loss_infonce"], rel=1e-5)
+    assert len(fast_grads) == len(full_grads)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(fast_grads, full_grads))  # float rounding
+    own = dataclasses.replace(base, lambda_=0.0, infonce_negatives="own_markup")  # here InfoNCE reads them
+    get_objective("fsa_cdm")(model, _batch(b=4, keys=[1, 2, 3, 4]), SCHED, own, 0)
+    assert calls[-1] == 4 * (3 + 2)
+
+
 def test_fsa_cdm_pairs_negatives_with_the_anchor_markup():
     class Spy(nn.Module):
         def __init__(self, inner):

@@ -352,13 +352,20 @@ def cdcd_loss(
 # -- fsa_cdm ----------------------------------------------------------------------------------------------------
 
 
+def negatives_are_read(params: Params) -> bool:
+    """Whether ``fsa_cdm``'s K negatives reach its loss: through EUBO (``lambda`` > 0) or the ``own_markup`` InfoNCE.
+    At ``lambda`` 0 with ``other_items`` negatives (Table 3's lambda 0) nothing reads them, so their K U-Net passes
+    are not run: the same loss and gradients at 2/(K+2) of the U-Net work."""
+    return params.lambda_ != 0 or params.infonce_negatives == "own_markup"
+
+
 def fsa_cdm_loss(
     model: torch.nn.Module, batch: TrainBatch, sched: DDPMScheduler, params: Params, step: int
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """FSA-CDM (design §4): ``beta L_fa + L_simple(y0) + L_simple(y0') + lambda mean_k e^{-2 L_simple(neg_k)}
     + infonce_weight L_infonce(tau)``. Anchor, positive and K negatives share ``t`` and run as one U-Net call of
-    ``(K+2)B``. ``L_infonce`` is computed and logged even at weight 0 (its head then gets zero gradients, so DDP
-    sees every parameter used).
+    ``(K+2)B`` (``2B`` when nothing reads the negatives: :func:`negatives_are_read`). ``L_infonce`` is computed and
+    logged even at weight 0 (its head then gets zero gradients, so DDP sees every parameter used).
 
     ``model.con_aug`` off: ``L_simple(y0) + beta L_fa``; ``model.fsa`` off: no ``L_fa``.
     """
@@ -375,36 +382,41 @@ def fsa_cdm_loss(
         per_item = weighted_simple_loss(eps_pred, batch.noise, batch.timesteps, sched, params)
         loss = per_item.mean()
     else:
-        k = params.train.num_negatives
+        k = params.train.num_negatives if negatives_are_read(params) else 0
         y0_pos = augment_positive(batch.images, batch.generator)
         eps_pos = _randn(tuple(y0_pos.shape), batch.generator, y0_pos)
         y_pos = sched.add_noise(y0_pos, eps_pos, batch.timesteps)
-        y_neg, eps_neg, t_neg, idx_neg, valid = _negative_views(batch, sched, k)
         own = torch.arange(b, device=y_t.device)
+        views, times, text = [y_t, y_pos], [batch.timesteps, batch.timesteps], [own, own]
+        if k:
+            y_neg, eps_neg, t_neg, idx_neg, valid = _negative_views(batch, sched, k)
+            views, times, text = [*views, y_neg], [*times, t_neg], [*text, idx_neg]
         out = model(
-            torch.cat([y_t, y_pos, y_neg]),
-            torch.cat([batch.timesteps, batch.timesteps, t_neg]),
+            torch.cat(views),
+            torch.cat(times),
             batch.input_ids,
             batch.attention_mask,
-            text_index=torch.cat([own, own, idx_neg]),
+            text_index=torch.cat(text),
             align_images=align,
             return_mid=True,
             **_hcma_kwargs(batch),
         )
         _, hcma = _eps_and_hcma(out, terms)
         two = torch.cat([batch.timesteps, batch.timesteps])
-        views = weighted_simple_loss(out.sample[: 2 * b], torch.cat([batch.noise, eps_pos]), two, sched, params)
-        per_item, pos_simple = views[:b], views[b:]
-        neg_simple = simple_loss(out.sample[2 * b :], eps_neg).view(b, k)  # EUBO: the plain L_simple of eq. 10
+        pair = weighted_simple_loss(out.sample[: 2 * b], torch.cat([batch.noise, eps_pos]), two, sched, params)
+        per_item, pos_simple = pair[:b], pair[b:]
         z = out.mid_projection
-        eubo = eubo_term(neg_simple, valid)
         if params.infonce_negatives == "other_items":
             nce = same_batch_info_nce_loss(z[:b], z[b : 2 * b], batch.markup_keys, params.tau)
         else:
             nce = info_nce_loss(z[:b], z[b : 2 * b], z[2 * b :].view(b, k, -1), params.tau, valid)
-        loss = per_item.mean() + pos_simple.mean() + params.lambda_ * eubo + params.infonce_weight * nce
-        terms |= {"loss_positive": pos_simple.mean().item(), "loss_eubo": eubo.item(), "loss_infonce": nce.item()}
-        terms["negatives_valid"] = valid.float().mean().item()
+        loss = per_item.mean() + pos_simple.mean() + params.infonce_weight * nce
+        terms |= {"loss_positive": pos_simple.mean().item(), "loss_infonce": nce.item()}
+        if k:
+            neg_simple = simple_loss(out.sample[2 * b :], eps_neg).view(b, k)  # EUBO: the plain L_simple of eq. 10
+            eubo = eubo_term(neg_simple, valid)
+            loss = loss + params.lambda_ * eubo
+            terms |= {"loss_eubo": eubo.item(), "negatives_valid": valid.float().mean().item()}
     if cfg.fsa:
         loss = loss + params.beta * out.alignment_loss
         terms["loss_fa"] = out.alignment_loss.item()
