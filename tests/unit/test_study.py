@@ -32,7 +32,9 @@ def test_every_run_trains_what_its_row_says(key):
     objective, fsa, con_aug, ccam = SWITCHES.get(key, ("fsa_cdm", True, True, True))  # the lambda sweep: all on
     assert (p.train.objective, p.model.fsa, p.model.con_aug, p.model.ccam) == (objective, fsa, con_aug, ccam)
     assert p.train.seed == 1 and p.train.num_processes == 1
-    assert p.infonce_weight == (1.0 if con_aug else 0.0)  # eq. 10's InfoNCE wherever con_aug exists
+    diagnosis = key == "positive_only"  # not a paper row: con_aug's positive without EUBO and InfoNCE
+    assert p.infonce_weight == (1.0 if con_aug and not diagnosis else 0.0)  # eq. 10's InfoNCE wherever con_aug is
+    assert not diagnosis or p.lambda_ == 0.0
     base = study.study_params("ddpm", 0, PARAMS)
     assert (p.train.steps, p.train.batch_size, p.data, p.evaluate) == (
         base.train.steps,
