@@ -21,6 +21,7 @@ import logging
 import math
 import shlex
 import subprocess
+import textwrap
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -541,7 +542,9 @@ def samples_montage(
     title = f"gold, then each row's sample (training seed {seed})"
     if missing:
         title += f"\nsamples not kept (runs from before samples were saved): {', '.join(missing)}"
-    fig.suptitle(title, fontsize=9)
+    # wrapped to the figure's width: a montage of one or two rows is narrower than the title
+    width = max(30, int(fig.get_figwidth() * 13))
+    fig.suptitle("\n".join(textwrap.fill(line, width) for line in title.split("\n")), fontsize=9)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
