@@ -78,6 +78,8 @@ CONFIGS = (
     ),
     # diagnosis, not a paper row: con_aug's positive view alone (lambda 0 and InfoNCE 0 leave L_simple(y0'))
     Config("positive_only", _fsa_cdm(fsa=True, con_aug=True, ccam=True) | {"lambda": 0.0, "infonce_weight": 0.0}),
+    # diagnosis: Table 3's lambda 0 with the InfoNCE term at a tenth of eq. 10's weight (decisions §11)
+    Config("infonce0p1", _fsa_cdm(fsa=True, con_aug=True, ccam=True) | {"lambda": 0.0, "infonce_weight": 0.1}),
 )
 CONFIG_KEYS = tuple(c.key for c in CONFIGS)
 
@@ -109,6 +111,7 @@ LINES = (
     Line("Table 3", "lambda 0.01", "all_lam0p01", 15.94, "all_lam0p0"),
     Line("Table 3", "lambda 0.02", "all_lam0p02", 16.29, "all_lam0p0"),
     Line("Diagnosis", "lambda 0 without InfoNCE (the positive alone)", "positive_only", None, "all_lam0p0"),
+    Line("Diagnosis", "lambda 0, InfoNCE weight 0.1", "infonce0p1", None, "all_lam0p0"),
 )
 
 

@@ -32,9 +32,11 @@ def test_every_run_trains_what_its_row_says(key):
     objective, fsa, con_aug, ccam = SWITCHES.get(key, ("fsa_cdm", True, True, True))  # the lambda sweep: all on
     assert (p.train.objective, p.model.fsa, p.model.con_aug, p.model.ccam) == (objective, fsa, con_aug, ccam)
     assert p.train.seed == 1 and p.train.num_processes == 1
-    diagnosis = key == "positive_only"  # not a paper row: con_aug's positive without EUBO and InfoNCE
-    assert p.infonce_weight == (1.0 if con_aug and not diagnosis else 0.0)  # eq. 10's InfoNCE wherever con_aug is
-    assert not diagnosis or p.lambda_ == 0.0
+    # not paper rows: con_aug's positive without EUBO, with no InfoNCE or a tenth of eq. 10's weight
+    diagnosis = {"positive_only": 0.0, "infonce0p1": 0.1}
+    want = diagnosis.get(key, 1.0 if con_aug else 0.0)  # eq. 10's InfoNCE (weight 1) wherever con_aug is
+    assert p.infonce_weight == want
+    assert key not in diagnosis or p.lambda_ == 0.0
     base = study.study_params("ddpm", 0, PARAMS)
     assert (p.train.steps, p.train.batch_size, p.data, p.evaluate) == (
         base.train.steps,
