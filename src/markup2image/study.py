@@ -62,6 +62,8 @@ def _fsa_cdm(**switches: bool) -> dict[str, Any]:
     return out
 
 
+ALL_PARTS = _fsa_cdm(fsa=True, con_aug=True, ccam=True)
+
 CONFIGS = (
     Config("ddpm", {"train.objective": "ddpm", **PARTS_OFF}),
     Config("ss_dm", {"train.objective": "ss_dm", **PARTS_OFF}),
@@ -70,16 +72,13 @@ CONFIGS = (
     Config("con_aug", _fsa_cdm(con_aug=True)),
     Config("ccam", _fsa_cdm(ccam=True)),
     Config("fsa_con_aug", _fsa_cdm(fsa=True, con_aug=True)),
-    Config("all", _fsa_cdm(fsa=True, con_aug=True, ccam=True) | {"lambda": 0.005}),
+    Config("all", ALL_PARTS | {"lambda": 0.005}),
     Config("fsa_ccam", _fsa_cdm(fsa=True, ccam=True)),
-    *(
-        Config(f"all_lam{str(lam).replace('.', 'p')}", _fsa_cdm(fsa=True, con_aug=True, ccam=True) | {"lambda": lam})
-        for lam in (0.0, 0.002, 0.01, 0.02)
-    ),
-    # diagnosis, not a paper row: con_aug's positive view alone (lambda 0 and InfoNCE 0 leave L_simple(y0'))
-    Config("positive_only", _fsa_cdm(fsa=True, con_aug=True, ccam=True) | {"lambda": 0.0, "infonce_weight": 0.0}),
-    # diagnosis: Table 3's lambda 0 with the InfoNCE term at a tenth of eq. 10's weight (decisions §11)
-    Config("infonce0p1", _fsa_cdm(fsa=True, con_aug=True, ccam=True) | {"lambda": 0.0, "infonce_weight": 0.1}),
+    *(Config(f"all_lam{str(lam).replace('.', 'p')}", ALL_PARTS | {"lambda": lam}) for lam in (0.0, 0.002, 0.01, 0.02)),
+    # diagnoses, not paper rows (decisions §11): Table 3's lambda 0 with InfoNCE off (con_aug's positive view alone:
+    # L_simple(y0')) or at a tenth of eq. 10's weight
+    Config("positive_only", ALL_PARTS | {"lambda": 0.0, "infonce_weight": 0.0}),
+    Config("infonce0p1", ALL_PARTS | {"lambda": 0.0, "infonce_weight": 0.1}),
 )
 CONFIG_KEYS = tuple(c.key for c in CONFIGS)
 
