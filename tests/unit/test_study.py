@@ -1,6 +1,7 @@
 """The Tables 1-3 study: its runs' params, the queued dvc commands, and the report read back from dvc exp show."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,19 @@ def test_report_means_spreads_and_verdicts(tmp_path):
     assert fsa_line.endswith("| -10.0 / -10.8 | reproduces |")
     assert json.loads((tmp_path / "results.json").read_text())["rows"][1]["verdict"] == "reproduces"
     assert (tmp_path / "results.png").stat().st_size > 10_000
+
+
+def test_change_is_taken_over_the_seeds_the_row_shares_with_its_reference(tmp_path):
+    # DDPM's seed 2 run is ~6 % above its others; CDCD (seeds 0, 1) is 1 % above DDPM on both of its seeds, so
+    # against DDPM's three-seed mean it would look 1.3 % lower, the wrong sign
+    runs = {"t23-ddpm-s0": 10.0, "t23-ddpm-s1": 10.2, "t23-ddpm-s2": 10.8, "t23-cdcd-s0": 10.1, "t23-cdcd-s1": 10.302}
+    rows = {r["label"]: r for r in study.report(_show(runs), tmp_path)["rows"]}
+    cdcd = rows["CDCD"]
+    assert cdcd["change"] == pytest.approx((10.201 - 10.1) / 10.1)
+    assert cdcd["per_seed_change"] == pytest.approx({0: 0.01, 1: 0.01})
+    assert cdcd["se"] == pytest.approx(math.sqrt(0.1428**2 / 2 + 0.1414**2 / 2) / 10.1, rel=1e-3)
+    assert cdcd["verdict"] == "within seed noise (opposite sign)"
+    assert rows["baseline (DDPM)"]["metrics"]["dtw"]["n"] == 3  # the row's own figures keep all its seeds
 
 
 def test_report_cli_reads_a_saved_exp_show(tmp_path, capsys):
