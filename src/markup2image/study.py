@@ -312,7 +312,7 @@ def per_seed_change(ours: dict, ref: dict) -> dict[int, float]:
 
 def matched_dtw(ours: dict, ref: dict) -> tuple[dict, dict]:
     """DTW stats of the row and of its reference over the training seeds both have: a reference run on a seed the
-    row lacks would move the reference mean by that seed's offset (every row shares it), not by the method. Rows
+    row lacks would move the reference mean by that seed's offset (most rows share it), not by the method. Rows
     with no seed in common are compared over all their seeds."""
     a, b = ours.get("dtw_by_seed", {}), ref.get("dtw_by_seed", {})
     common = sorted(set(a) & set(b))
