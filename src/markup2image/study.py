@@ -80,6 +80,8 @@ CONFIGS = (
     # L_simple(y0')) or at a tenth of eq. 10's weight
     Config("positive_only", ALL_PARTS | {"lambda": 0.0, "infonce_weight": 0.0}),
     Config("infonce0p1", ALL_PARTS | {"lambda": 0.0, "infonce_weight": 0.1}),
+    # the paper's all row under the other reading of eq. 10: con_aug = its positive view plus EUBO, no InfoNCE
+    Config("all_nce0", ALL_PARTS | {"lambda": 0.005, "infonce_weight": 0.0}),
 )
 CONFIG_KEYS = tuple(c.key for c in CONFIGS)
 
@@ -93,6 +95,9 @@ class Line:
     config: str
     paper_dtw: float | None
     reference: str | None
+    # the paper's DTW for the reference, where the reference is not itself a paper line (InfoNCE 0's lambda 0 is
+    # the positive_only run, which stands for the paper's lambda 0 under that reading)
+    paper_reference_dtw: float | None = None
 
 
 LINES = (
@@ -112,6 +117,8 @@ LINES = (
     Line("Table 3", "lambda 0.02", "all_lam0p02", 16.29, "all_lam0p0"),
     Line("Diagnosis", "lambda 0 without InfoNCE (the positive alone)", "positive_only", None, "all_lam0p0"),
     Line("Diagnosis", "lambda 0, InfoNCE weight 0.1", "infonce0p1", None, "all_lam0p0"),
+    Line("Table 2, InfoNCE 0", "all, InfoNCE weight 0", "all_nce0", 15.76, "ddpm"),
+    Line("Table 3, InfoNCE 0", "lambda 0.005 vs 0, InfoNCE weight 0", "all_nce0", 15.76, "positive_only", 16.34),
 )
 
 
@@ -352,7 +359,9 @@ def report_rows(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     for ln in LINES:
         ours = summary.get(ln.config)
         ref = summary.get(ln.reference) if ln.reference else None
-        paper_ref = next((x.paper_dtw for x in LINES if x.config == ln.reference and x.reference is None), None)
+        paper_ref = ln.paper_reference_dtw or next(
+            (x.paper_dtw for x in LINES if x.config == ln.reference and x.reference is None), None
+        )
         row = {"table": ln.table, "label": ln.label, "config": ln.config, "reference": ln.reference}
         row |= {"paper_dtw": ln.paper_dtw, "seeds": ours["seeds"] if ours else []}
         row["metrics"] = ours["metrics"] if ours else {}
@@ -423,14 +432,14 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     """Left: each row's DTW change against its reference, ours (mean, seeds as dots, ±2 SE) beside the paper's.
-    Right: Table 3's lambda sweep relative to lambda 0, ours and the paper's."""
+    Right: Table 3's lambda sweep relative to lambda 0, ours and the paper's, and the InfoNCE-0 reading's point."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
-    t12 = [r for r in rows if r["table"] in ("Table 1", "Table 2") and r["reference"]]
+    t12 = [r for r in rows if r["table"].split(",")[0] in ("Table 1", "Table 2") and r["reference"]]
     xs = range(len(t12))
     paper = [100 * r["paper_change"] if r.get("paper_change") is not None else math.nan for r in t12]
     ours = [100 * r["change"] if r.get("change") is not None else math.nan for r in t12]
@@ -462,6 +471,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         )  # fmt: skip
     else:
         ax2.text(0.5, 0.5, "ours: not run", transform=ax2.transAxes, ha="center")
+    for r in rows:  # eq. 10 read without InfoNCE: lambda > 0 against the positive alone (its lambda 0)
+        if r["table"] == "Table 3, InfoNCE 0" and r.get("change") is not None:
+            ax2.errorbar(
+                [config(r["config"]).set["lambda"] + 0.0004], [100 * r["change"]],  # beside eq. 10's point
+                yerr=[200 * r["se"] if r.get("se") else 0],
+                fmt="^", color="#c0602a", capsize=3, label="ours, InfoNCE weight 0 (vs its lambda 0)",
+            )  # fmt: skip
     ax2.axhline(0, color="k", lw=0.8)
     ax2.set_xlabel("lambda (EUBO weight)")
     ax2.set_ylabel("DTW change vs lambda 0 (%)")

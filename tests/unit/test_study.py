@@ -33,11 +33,13 @@ def test_every_run_trains_what_its_row_says(key):
     objective, fsa, con_aug, ccam = SWITCHES.get(key, ("fsa_cdm", True, True, True))  # the lambda sweep: all on
     assert (p.train.objective, p.model.fsa, p.model.con_aug, p.model.ccam) == (objective, fsa, con_aug, ccam)
     assert p.train.seed == 1 and p.train.num_processes == 1
-    # not paper rows: con_aug's positive without EUBO, with no InfoNCE or a tenth of eq. 10's weight
-    diagnosis = {"positive_only": 0.0, "infonce0p1": 0.1}
-    want = diagnosis.get(key, 1.0 if con_aug else 0.0)  # eq. 10's InfoNCE (weight 1) wherever con_aug is
-    assert p.infonce_weight == want
-    assert key not in diagnosis or p.lambda_ == 0.0
+    # con_aug's positive without EUBO, with no InfoNCE or a tenth of eq. 10's weight (diagnoses), and the all row
+    # read without InfoNCE (con_aug = its positive plus EUBO): (InfoNCE weight, lambda)
+    other = {"positive_only": (0.0, 0.0), "infonce0p1": (0.1, 0.0), "all_nce0": (0.0, 0.005)}
+    if key in other:
+        assert (p.infonce_weight, p.lambda_) == other[key]
+    else:
+        assert p.infonce_weight == (1.0 if con_aug else 0.0)  # eq. 10's InfoNCE (weight 1) wherever con_aug is
     base = study.study_params("ddpm", 0, PARAMS)
     assert (p.train.steps, p.train.batch_size, p.data, p.evaluate) == (
         base.train.steps,
@@ -49,7 +51,10 @@ def test_every_run_trains_what_its_row_says(key):
 
 def test_the_lambda_sweep_changes_only_lambda():
     lams = {k: study.study_params(k, 0, PARAMS).lambda_ for k in study.CONFIG_KEYS if k.startswith("all")}
-    assert lams == {"all": 0.005, "all_lam0p0": 0.0, "all_lam0p002": 0.002, "all_lam0p01": 0.01, "all_lam0p02": 0.02}
+    assert lams == {
+        "all": 0.005, "all_lam0p0": 0.0, "all_lam0p002": 0.002, "all_lam0p01": 0.01, "all_lam0p02": 0.02,
+        "all_nce0": 0.005,
+    }  # fmt: skip
     assert {ln.config for ln in study.LINES} <= set(study.CONFIG_KEYS)
     assert {ln.reference for ln in study.LINES if ln.reference} <= set(study.CONFIG_KEYS)
 
@@ -149,6 +154,23 @@ def test_change_is_taken_over_the_seeds_the_row_shares_with_its_reference(tmp_pa
     assert cdcd["se"] == pytest.approx(math.sqrt(0.1428**2 / 2 + 0.1414**2 / 2) / 10.1, rel=1e-3)
     assert cdcd["verdict"] == "within seed noise (opposite sign)"
     assert rows["baseline (DDPM)"]["metrics"]["dtw"]["n"] == 3  # the row's own figures keep all its seeds
+
+
+def test_the_infonce0_reading_is_compared_to_ddpm_and_to_its_own_lambda_0(tmp_path):
+    # all at InfoNCE weight 0 stands for the paper's all row (against DDPM) and, against the positive alone
+    # (lambda 0 at InfoNCE 0), for Table 3's lambda 0.005 against lambda 0: the paper's 15.76 vs 16.34 there
+    runs = {"t23-ddpm-s0": 10.0, "t23-ddpm-s1": 10.2, "t23-positive_only-s0": 9.5, "t23-positive_only-s1": 9.9}
+    runs |= {"t23-all_nce0-s0": 9.4, "t23-all_nce0-s1": 9.5}
+    result = study.report(_show(runs), tmp_path)
+    rows = {r["label"]: r for r in result["rows"]}
+    t2, t3 = rows["all, InfoNCE weight 0"], rows["lambda 0.005 vs 0, InfoNCE weight 0"]
+    assert t2["paper_change"] == pytest.approx((15.76 - 19.12) / 19.12)
+    assert t2["change"] == pytest.approx((9.45 - 10.1) / 10.1) and t2["verdict"] == "reproduces"
+    assert t3["paper_change"] == pytest.approx((15.76 - 16.34) / 16.34)
+    assert t3["change"] == pytest.approx((9.45 - 9.7) / 9.7)
+    assert t3["per_seed_change"] == pytest.approx({0: -0.1 / 9.5, 1: -0.4 / 9.9})
+    assert t3["verdict"] == "within seed noise (same sign)"  # -2.6 % against a 2 SE of 4.2 %
+    assert rows["lambda 0.005"]["verdict"] == "not run"  # the eq. 10 rows are untouched
 
 
 def test_report_cli_reads_a_saved_exp_show(tmp_path, capsys):
