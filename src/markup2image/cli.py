@@ -243,8 +243,9 @@ def cmd_study(args: argparse.Namespace) -> int:
     show = json.loads(Path(args.exp_json).read_text()) if args.exp_json else study.exp_show()
     rendered = Path(args.rendered) if args.rendered else None
     result = study.report(show, Path(args.out), domain, rendered=rendered)
+    wt, wl = (max(len(row[k]) for row in result["rows"]) for k in ("table", "label"))
     for row in result["rows"]:
-        print(f"{row['table']:8} {row['label']:45} {row['verdict']}")
+        print(f"{row['table']:{wt}}  {row['label']:{wl}}  {row['verdict']}")
     print(f"{len(result['runs'])} runs -> {args.out}/results.{{md,json,png}}")
     return 0
 
