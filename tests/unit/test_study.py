@@ -20,6 +20,7 @@ SWITCHES = {  # config -> (objective, fsa, con_aug, ccam)
     "cdcd": ("cdcd", False, False, False),
     "fsa": ("fsa_cdm", True, False, False),
     "con_aug": ("fsa_cdm", False, True, False),
+    "con_aug_nce0": ("fsa_cdm", False, True, False),
     "ccam": ("fsa_cdm", False, False, True),
     "fsa_con_aug": ("fsa_cdm", True, True, False),
     "all": ("fsa_cdm", True, True, True),
@@ -36,6 +37,7 @@ def test_every_run_trains_what_its_row_says(key):
     # con_aug's positive without EUBO, with no InfoNCE or a tenth of eq. 10's weight (diagnoses), and the all row
     # read without InfoNCE (con_aug = its positive plus EUBO): (InfoNCE weight, lambda)
     other = {"positive_only": (0.0, 0.0), "infonce0p1": (0.1, 0.0), "all_nce0": (0.0, 0.005)}
+    other["con_aug_nce0"] = (0.0, study.study_params("con_aug", 1, PARAMS).lambda_)  # + con_aug's own lambda
     if key in other:
         assert (p.infonce_weight, p.lambda_) == other[key]
     else:
@@ -171,6 +173,9 @@ def test_the_infonce0_reading_is_compared_to_ddpm_and_to_its_own_lambda_0(tmp_pa
     assert t3["per_seed_change"] == pytest.approx({0: -0.1 / 9.5, 1: -0.4 / 9.9})
     assert t3["verdict"] == "within seed noise (same sign)"  # -2.6 % against a 2 SE of 4.2 %
     assert rows["lambda 0.005"]["verdict"] == "not run"  # the eq. 10 rows are untouched
+    con_aug = rows["+ con_aug, InfoNCE weight 0"]  # the same reading of + con_aug, against DDPM as well
+    assert con_aug["reference"] == "ddpm" and con_aug["paper_change"] == pytest.approx((16.82 - 19.12) / 19.12)
+    assert con_aug["verdict"] == "not run"
 
 
 def test_report_cli_reads_a_saved_exp_show(tmp_path, capsys):
