@@ -82,6 +82,7 @@ CONFIGS = (
     Config("infonce0p1", ALL_PARTS | {"lambda": 0.0, "infonce_weight": 0.1}),
     # the paper's rows under the other reading of eq. 10: con_aug = its positive view plus EUBO, no InfoNCE
     Config("con_aug_nce0", _fsa_cdm(con_aug=True) | {"infonce_weight": 0.0}),
+    Config("fsa_con_aug_nce0", _fsa_cdm(fsa=True, con_aug=True) | {"infonce_weight": 0.0}),
     Config("all_nce0", ALL_PARTS | {"lambda": 0.005, "infonce_weight": 0.0}),
 )
 CONFIG_KEYS = tuple(c.key for c in CONFIGS)
@@ -119,6 +120,7 @@ LINES = (
     Line("Diagnosis", "lambda 0 without InfoNCE (the positive alone)", "positive_only", None, "all_lam0p0"),
     Line("Diagnosis", "lambda 0, InfoNCE weight 0.1", "infonce0p1", None, "all_lam0p0"),
     Line("Table 2, InfoNCE 0", "+ con_aug, InfoNCE weight 0", "con_aug_nce0", 16.82, "ddpm"),
+    Line("Table 2, InfoNCE 0", "FSA + con_aug, InfoNCE weight 0", "fsa_con_aug_nce0", 16.23, "ddpm"),
     Line("Table 2, InfoNCE 0", "all, InfoNCE weight 0", "all_nce0", 15.76, "ddpm"),
     Line("Table 3, InfoNCE 0", "lambda 0.005 vs 0, InfoNCE weight 0", "all_nce0", 15.76, "positive_only", 16.34),
 )

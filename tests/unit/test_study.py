@@ -23,6 +23,7 @@ SWITCHES = {  # config -> (objective, fsa, con_aug, ccam)
     "con_aug_nce0": ("fsa_cdm", False, True, False),
     "ccam": ("fsa_cdm", False, False, True),
     "fsa_con_aug": ("fsa_cdm", True, True, False),
+    "fsa_con_aug_nce0": ("fsa_cdm", True, True, False),
     "all": ("fsa_cdm", True, True, True),
     "fsa_ccam": ("fsa_cdm", True, False, True),
 }
@@ -37,7 +38,8 @@ def test_every_run_trains_what_its_row_says(key):
     # con_aug's positive without EUBO, with no InfoNCE or a tenth of eq. 10's weight (diagnoses), and the all row
     # read without InfoNCE (con_aug = its positive plus EUBO): (InfoNCE weight, lambda)
     other = {"positive_only": (0.0, 0.0), "infonce0p1": (0.1, 0.0), "all_nce0": (0.0, 0.005)}
-    other["con_aug_nce0"] = (0.0, study.study_params("con_aug", 1, PARAMS).lambda_)  # + con_aug's own lambda
+    for row in ("con_aug", "fsa_con_aug"):  # the Table 2 rows at InfoNCE 0 keep their row's lambda
+        other[f"{row}_nce0"] = (0.0, study.study_params(row, 1, PARAMS).lambda_)
     if key in other:
         assert (p.infonce_weight, p.lambda_) == other[key]
     else:
